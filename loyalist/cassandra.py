@@ -1,0 +1,163 @@
+"""Cassandra adapter: cluster sessions, an asyncio bridge for the driver's futures, and idempotent
+CQL migrations.
+
+Migrations are files ``loyalist/migrations/NNNN_name.cql`` applied in order and recorded in
+``schema_migrations``. Number ranges keep services apart: 0001-0099 core, 0100 ingest, 0200 profile,
+0300 segmenter, 0400 journeys, 0500 notify, 0600 loyalty. Statements are separated by ``;`` at the end of
+a line and must themselves be idempotent (``IF NOT EXISTS``) so a crash mid-file is safe to re-run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cassandra import ConsistencyLevel
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, ResponseFuture, Session
+from cassandra.policies import DCAwareRoundRobinPolicy, RetryPolicy
+from cassandra.query import dict_factory
+
+from loyalist.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.cql$")
+
+
+def make_cluster(settings: Settings, *, request_timeout_s: float = 15) -> Cluster:
+    profile = ExecutionProfile(
+        load_balancing_policy=DCAwareRoundRobinPolicy(),
+        retry_policy=RetryPolicy(),
+        # LOCAL_QUORUM is the production choice; on one node it is the same as ONE.
+        consistency_level=ConsistencyLevel.LOCAL_QUORUM,
+        serial_consistency_level=ConsistencyLevel.LOCAL_SERIAL,
+        request_timeout=request_timeout_s,
+        row_factory=dict_factory,
+    )
+    return Cluster(
+        contact_points=settings.cassandra_contact_points,
+        port=settings.cassandra_port,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        protocol_version=5,
+        connect_timeout=10,
+    )
+
+
+def connect(settings: Settings, *, keyspace: str | None = None) -> tuple[Cluster, Session]:
+    cluster = make_cluster(settings)
+    session = cluster.connect(keyspace)
+    return cluster, session
+
+
+async def execute(session: Session, statement: Any, params: Sequence[Any] | dict[str, Any] | None = None) -> list[Any]:
+    """Run a statement without blocking the event loop; returns all rows of the first page set."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[list[Any]] = loop.create_future()
+    rf: ResponseFuture = session.execute_async(statement, params)
+    rows: list[Any] = []
+
+    def on_page(page: list[Any]) -> None:
+        rows.extend(page)
+        if rf.has_more_pages:
+            rf.start_fetching_next_page()
+        else:
+            loop.call_soon_threadsafe(_settle, fut, rows, None)
+
+    def on_error(exc: BaseException) -> None:
+        loop.call_soon_threadsafe(_settle, fut, None, exc)
+
+    rf.add_callbacks(on_page, on_error)
+    return await fut
+
+
+def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)
+
+
+def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
+    files = sorted(p for p in directory.glob("*.cql") if _MIGRATION_NAME.match(p.name))
+    versions = [p.name[:4] for p in files]
+    duplicates = {v for v in versions if versions.count(v) > 1}
+    if duplicates:
+        raise RuntimeError(f"two migrations share a number: {sorted(duplicates)}")
+    return files
+
+
+def split_statements(cql: str) -> list[str]:
+    """Split a migration file into statements (``;`` at line end), dropping ``--`` comments.
+
+    >>> split_statements("-- c\\nCREATE TABLE a (x int PRIMARY KEY);\\nCREATE TABLE b (\\n y int PRIMARY KEY);")
+    ['CREATE TABLE a (x int PRIMARY KEY)', 'CREATE TABLE b (\\n y int PRIMARY KEY)']
+    """
+    lines = [ln for ln in cql.splitlines() if not ln.strip().startswith("--")]
+    parts = re.split(r";\s*$", "\n".join(lines), flags=re.MULTILINE)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def migrate(settings: Settings, session: Session | None = None, *, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Create the keyspace and apply pending migrations. Returns the versions applied now."""
+    own_cluster = None
+    if session is None:
+        own_cluster, session = connect(settings)
+    try:
+        ks = settings.keyspace
+        session.execute(
+            f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = "
+            f"{{'class': 'SimpleStrategy', 'replication_factor': {settings.cassandra_replication_factor}}}"
+        )
+        session.set_keyspace(ks)
+        session.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY, name text, applied_at timestamp)"
+        )
+        done = {row["version"] for row in session.execute("SELECT version FROM schema_migrations")}
+        applied: list[str] = []
+        for path in migration_files(directory):
+            version = path.name[:4]
+            if version in done:
+                continue
+            started = time.monotonic()
+            for statement in split_statements(path.read_text()):
+                session.execute(statement, timeout=60)
+            session.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, toTimestamp(now()))",
+                (version, path.name),
+            )
+            log.info("applied migration %s in %.1fs", path.name, time.monotonic() - started)
+            applied.append(version)
+        return applied
+    finally:
+        if own_cluster is not None:
+            own_cluster.shutdown()
+
+
+def drop_keyspace(settings: Settings) -> None:
+    cluster, session = connect(settings)
+    try:
+        session.execute(f"DROP KEYSPACE IF EXISTS {settings.keyspace}", timeout=60)
+    finally:
+        cluster.shutdown()
+
+
+def cassandra_ready(settings: Settings) -> bool:
+    try:
+        cluster = make_cluster(settings, request_timeout_s=5)
+        cluster.connect_timeout = 3
+        try:
+            session = cluster.connect()
+            session.execute("SELECT release_version FROM system.local")
+            return True
+        finally:
+            cluster.shutdown()
+    except Exception:
+        return False

@@ -1,0 +1,159 @@
+"""HTTP plumbing shared by every service's FastAPI app: one error shape, health/readiness/metrics
+endpoints and RED metrics per route.
+
+Every 4xx/5xx body is ``{"code": <machine-readable>, "message": <human>, ...details}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import ORJSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from loyalist import __version__
+from loyalist.metrics import HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS, SERVICE_UP, render_latest
+
+log = logging.getLogger(__name__)
+
+ReadyCheck = Callable[[], Awaitable[bool]]
+
+
+class ApiError(Exception):
+    """Raise from any route or dependency to answer with a clear, machine-readable error."""
+
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None, **details: Any
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, **self.details}
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing or invalid credentials"},
+    403: {"description": "The credential lacks the required scope"},
+}
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware (no per-request task overhead) recording RED metrics by route template."""
+
+    def __init__(self, app: ASGIApp, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        in_flight = HTTP_IN_FLIGHT.labels(self.service)
+        in_flight.inc()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            in_flight.dec()
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "GET")
+            HTTP_REQUESTS.labels(self.service, method, path, str(status)).inc()
+            HTTP_DURATION.labels(self.service, method, path).observe(time.perf_counter() - started)
+
+
+def create_service_app(
+    service: str,
+    *,
+    title: str,
+    description: str,
+    lifespan: Callable[[FastAPI], Any] | None = None,
+    version: str = __version__,
+) -> FastAPI:
+    """A FastAPI app with Loyalist's error shape and ops endpoints. Register readiness checks with
+    ``app.state.ready_checks[name] = async_callable``."""
+    app = FastAPI(
+        title=title,
+        description=description,
+        version=version,
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    app.state.ready_checks = {}
+    app.state.service = service
+    SERVICE_UP.labels(service, version).set(1)
+    app.add_middleware(MetricsMiddleware, service=service)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> ORJSONResponse:
+        return ORJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()
+        ]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return ORJSONResponse(
+            {"code": "validation_error", "message": f"{where}: {first['msg']}", "detail": errors},
+            status_code=422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return ORJSONResponse(
+            {"code": code, "message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> ORJSONResponse:
+        log.exception("unhandled error")
+        return ORJSONResponse({"code": "internal_error", "message": "unexpected server error"}, status_code=500)
+
+    @app.get("/healthz", tags=["ops"], summary="Liveness: the process is serving")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "service": service}
+
+    @app.get("/readyz", tags=["ops"], summary="Readiness: every dependency answers",
+             responses={503: {"description": "A dependency is not ready"}})
+    async def readyz() -> ORJSONResponse:
+        checks: dict[str, bool] = {}
+        for name, check in app.state.ready_checks.items():
+            try:
+                checks[name] = bool(await check())
+            except Exception:
+                checks[name] = False
+        ok = all(checks.values()) and getattr(app.state, "started", False)
+        return ORJSONResponse(
+            {"status": "ready" if ok else "not_ready", "service": service, "checks": checks},
+            status_code=200 if ok else 503,
+        )
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        body, content_type = render_latest()
+        return Response(body, media_type=content_type)
+
+    return app

@@ -1,0 +1,104 @@
+"""Kafka adapter shared by every service: a safe producer, topic creation, a consumer factory."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from loyalist.settings import Settings
+from loyalist.topics import TOPICS, Topic
+
+log = logging.getLogger(__name__)
+
+
+def make_producer(settings: Settings, *, client_id: str, linger_ms: int = 2) -> AIOKafkaProducer:
+    """A producer that never loses an acknowledged write: acks from all in-sync replicas and an
+    idempotent session so retries cannot duplicate."""
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=linger_ms,
+        max_batch_size=256 * 1024,
+        request_timeout_ms=10_000,
+        retry_backoff_ms=100,
+    )
+
+
+def make_consumer(
+    settings: Settings, *topics: str, group_id: str, client_id: str, **kwargs: object
+) -> AIOKafkaConsumer:
+    """A consumer that commits only what the caller says was processed (commit after the effect)."""
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group_id,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+async def ensure_topics(settings: Settings, topics: Iterable[Topic] = TOPICS, *, timeout_s: float = 30) -> list[str]:
+    """Create the topics that do not exist yet (idempotent). Returns the names created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="loyalist-admin")
+    await asyncio.wait_for(admin.start(), timeout_s)
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(
+                name=settings.topic(t.name),
+                num_partitions=t.partitions or settings.kafka_partitions,
+                replication_factor=1 if settings.env != "production" else 3,
+                topic_configs=t.config(),
+            )
+            for t in topics
+            if settings.topic(t.name) not in existing
+        ]
+        if wanted:
+            try:
+                await admin.create_topics(wanted)
+            except TopicAlreadyExistsError:
+                pass  # a concurrent starter created them first; that is the state we want
+            log.info("created topics %s", [t.name for t in wanted])
+        return [t.name for t in wanted]
+    finally:
+        await admin.close()
+
+
+async def delete_namespace_topics(settings: Settings) -> None:
+    """Remove every topic of this namespace (test teardown)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="loyalist-admin")
+    await admin.start()
+    try:
+        names = [n for n in await admin.list_topics() if n.startswith(settings.namespace + ".")]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
+async def kafka_ready(settings: Settings, *, timeout_s: float = 5) -> bool:
+    """True when the broker answers a metadata request."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, client_id="loyalist-ready", request_timeout_ms=3000
+    )
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+        await asyncio.wait_for(admin.list_topics(), timeout_s)
+        return True
+    except Exception:
+        return False
+    finally:
+        try:
+            await admin.close()
+        except Exception:
+            pass

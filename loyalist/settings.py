@@ -1,0 +1,114 @@
+"""One settings class for every service and tool, read from ``LOYALIST_*`` environment variables.
+
+>>> s = Settings(namespace="shop1", kafka_port=19092)
+>>> s.kafka_bootstrap
+'127.0.0.1:19092'
+>>> s.topic("events.raw")
+'shop1.events.raw'
+>>> s.keyspace
+'shop1'
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SERVICE_NAMES = ("ingest", "profile", "segmenter", "journeys", "notify")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOYALIST_", extra="ignore")
+
+    # Namespace isolates one deployment (or one test session) from another on shared servers:
+    # it prefixes every Kafka topic and Redis key and names the Cassandra keyspace.
+    namespace: str = "loyalist"
+    env: str = "development"
+    home: Path = Path(".loyalist")
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    host: str = "127.0.0.1"
+    kafka_host: str = "127.0.0.1"
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    kafka_partitions: int = 6
+    cassandra_hosts: str = "127.0.0.1"
+    cassandra_port: int = 9042
+    cassandra_replication_factor: int = 1
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6379
+    redis_db: int = 0
+    prometheus_port: int = 9090
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 1025
+    smtp_sink_http_port: int = 1080
+
+    ingest_port: int = 8001
+    profile_port: int = 8002
+    segmenter_port: int = 8003
+    journeys_port: int = 8004
+    notify_port: int = 8005
+
+    # Base URLs other services use to reach each other (defaults follow the ports above).
+    ingest_url: str | None = None
+    profile_url: str | None = None
+    segmenter_url: str | None = None
+    journeys_url: str | None = None
+    notify_url: str | None = None
+
+    # Secret used to sign links (unsubscribe, click tracking) and webhook payloads.
+    signing_secret: str = Field(default="dev-signing-secret-change-me", repr=False)
+    # Development credentials; only the local stack creates them (see loyalist.auth).
+    dev_write_key: str = "dev_write_key"
+    dev_api_token: str = Field(default="dev_api_token", repr=False)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_is_identifier(cls, value: str) -> str:
+        # The namespace doubles as a Cassandra keyspace name: letters, digits, underscore.
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", value):
+            raise ValueError("namespace must match [a-z][a-z0-9_]{0,40}")
+        return value
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"{self.kafka_host}:{self.kafka_port}"
+
+    @property
+    def keyspace(self) -> str:
+        return self.namespace
+
+    @property
+    def cassandra_contact_points(self) -> list[str]:
+        return [h.strip() for h in self.cassandra_hosts.split(",") if h.strip()]
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    def topic(self, name: str) -> str:
+        return f"{self.namespace}.{name}"
+
+    def redis_key(self, *parts: str) -> str:
+        return ":".join((self.namespace, *parts))
+
+    def service_port(self, service: str) -> int:
+        return int(getattr(self, f"{service}_port"))
+
+    def service_url(self, service: str) -> str:
+        explicit = getattr(self, f"{service}_url")
+        return explicit or f"http://{self.host}:{self.service_port(service)}"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home.resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

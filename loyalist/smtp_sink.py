@@ -1,0 +1,101 @@
+"""A real SMTP server (aiosmtpd) that accepts every message and keeps it, for the local stack, tests
+and the demo. Messages are stored as ``.eml`` files under ``$LOYALIST_HOME/smtp`` and listed as JSON on
+``http://127.0.0.1:$LOYALIST_SMTP_SINK_HTTP_PORT/messages`` (``?to=ADDRESS`` filters; ``DELETE`` clears).
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from aiosmtpd.controller import Controller
+
+from loyalist.settings import Settings
+
+
+class SinkHandler:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd API)
+        name = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.eml"
+        data = envelope.original_content or envelope.content
+        meta = {"mail_from": envelope.mail_from, "rcpt_tos": list(envelope.rcpt_tos), "received_at": time.time()}
+        with self.lock:
+            (self.directory / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+            (self.directory / (name + ".json")).write_text(json.dumps(meta))
+        return "250 Message accepted for delivery"
+
+
+def list_messages(directory: Path, to: str | None = None) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(directory.glob("*.eml")):
+        meta = json.loads((path.with_name(path.name + ".json")).read_text())
+        if to and to.lower() not in [r.lower() for r in meta["rcpt_tos"]]:
+            continue
+        msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        text = html = None
+        for part in msg.walk():
+            if part.get_content_type() == "text/plain" and text is None:
+                text = part.get_content()
+            elif part.get_content_type() == "text/html" and html is None:
+                html = part.get_content()
+        out.append({
+            "id": path.stem, **meta, "subject": msg["Subject"], "from": msg["From"], "to": msg["To"],
+            "headers": {k: str(v) for k, v in msg.items()}, "text": text, "html": html,
+        })
+    return out
+
+
+def serve(settings: Settings) -> None:
+    directory = settings.state_dir / "smtp"
+    directory.mkdir(parents=True, exist_ok=True)
+    controller = Controller(SinkHandler(directory), hostname="127.0.0.1", port=settings.smtp_port)
+    controller.start()
+
+    class Api(BaseHTTPRequestHandler):
+        def _send(self, status: int, body: Any) -> None:
+            raw = json.dumps(body, default=str).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self) -> None:  # noqa: N802
+            url = urlparse(self.path)
+            if url.path == "/healthz":
+                self._send(200, {"status": "ok"})
+            elif url.path == "/messages":
+                to = parse_qs(url.query).get("to", [None])[0]
+                self._send(200, list_messages(directory, to))
+            else:
+                self._send(404, {"code": "not_found", "message": url.path})
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            for p in directory.glob("*"):
+                p.unlink(missing_ok=True)
+            self._send(200, {"status": "cleared"})
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", settings.smtp_sink_http_port), Api)
+    print(f"smtp sink on 127.0.0.1:{settings.smtp_port}, API on :{settings.smtp_sink_http_port}", flush=True)
+    try:
+        http.serve_forever()
+    finally:
+        controller.stop()
+
+
+if __name__ == "__main__":
+    serve(Settings())

@@ -1,0 +1,1 @@
+"""Loyalist ingest service."""
