@@ -147,11 +147,15 @@ class Stack:
         ]
         for name in SERVICE_NAMES:
             port = s.service_port(name)
-            comps.append(Component(
-                name, port, lambda n=name: [py, "-m", f"services.{n}"],  # type: ignore[misc]
-                lambda p=port: self._http_ready(p), 90,
-            ))
+            comps.append(Component(name, port, self._service_cmd(name), self._service_ready(port), 90))
         return comps
+
+    @staticmethod
+    def _service_cmd(name: str) -> Callable[[], list[str]]:
+        return lambda: [sys.executable, "-m", f"services.{name}"]
+
+    def _service_ready(self, port: int) -> Callable[[], bool]:
+        return lambda: self._http_ready(port)
 
     def _kafka_prepare(self) -> None:
         data = self.home / "kafka" / "data"

@@ -26,7 +26,7 @@ class SinkHandler:
         self.directory = directory
         self.lock = threading.Lock()
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd API)
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         name = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.eml"
         data = envelope.original_content or envelope.content
         meta = {"mail_from": envelope.mail_from, "rcpt_tos": list(envelope.rcpt_tos), "received_at": time.time()}
@@ -71,7 +71,7 @@ def serve(settings: Settings) -> None:
             self.end_headers()
             self.wfile.write(raw)
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             url = urlparse(self.path)
             if url.path == "/healthz":
                 self._send(200, {"status": "ok"})
@@ -81,7 +81,7 @@ def serve(settings: Settings) -> None:
             else:
                 self._send(404, {"code": "not_found", "message": url.path})
 
-        def do_DELETE(self) -> None:  # noqa: N802
+        def do_DELETE(self) -> None:
             for p in directory.glob("*"):
                 p.unlink(missing_ok=True)
             self._send(200, {"status": "cleared"})

@@ -1,0 +1,74 @@
+# Loyalist — every command installs what it needs on first use (venv, apt packages, Maven jars, npm).
+# Ports, namespaces and paths come from LOYALIST_* environment variables (see loyalist/settings.py).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := .loyalist/stamps
+export LOYALIST_HOME ?= $(CURDIR)/.loyalist
+
+.PHONY: help deps up down status test test-unit lint demo bench chaos clean
+
+help:
+	@echo "make up      start Kafka, Cassandra, Redis, Prometheus, SMTP sink and the five services"
+	@echo "make down    stop what 'make up' started"
+	@echo "make demo    bring the stack up and run the end-to-end demo"
+	@echo "make test    lint + unit + integration tests against the real local stack"
+	@echo "make bench   benchmarks (figures next to raw baselines)"
+	@echo "make lint    ruff, mypy, import contracts, compose/helm/prometheus checks"
+
+# ---- installs ------------------------------------------------------------------------------------
+$(VENV)/.installed: pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel
+	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
+	@touch $@
+
+# Debian packages: Redis, Prometheus (promtool), Chromium for the tracker's browser test.
+$(STAMP)/apt:
+	@mkdir -p $(STAMP)
+	@if ! command -v redis-server >/dev/null || ! command -v prometheus >/dev/null || ! command -v chromium >/dev/null; then \
+	  echo "installing Debian packages: redis-server prometheus chromium"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    redis-server prometheus chromium >/dev/null; fi
+	@touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+deps: $(VENV)/.installed $(STAMP)/apt node_modules/.installed
+
+# ---- the stack -----------------------------------------------------------------------------------
+up: deps
+	$(PY) -m loyalist.devstack up
+
+down:
+	@test -x $(PY) && $(PY) -m loyalist.devstack down || true
+
+status: deps
+	$(PY) -m loyalist.devstack status
+
+# ---- quality -------------------------------------------------------------------------------------
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy loyalist services
+	$(VENV)/bin/lint-imports
+	$(PY) -m loyalist.checks.compose docker-compose.yml
+
+test-unit: deps
+	$(PY) -m pytest -m "not integration" -q
+
+test: lint
+	$(PY) -m pytest -q
+
+# ---- proof ---------------------------------------------------------------------------------------
+demo: up
+	$(PY) -m loyalist.demo
+
+bench: up
+	$(PY) -m loyalist.bench
+
+clean: down
+	rm -rf .loyalist

@@ -1,0 +1,192 @@
+"""What every service process shares: connecting its adapters in the FastAPI lifespan, readiness
+checks, an embedded faust app for its stream agents, and running under uvicorn.
+
+A service's ``app.py`` looks like::
+
+    def create_app(settings: Settings | None = None) -> FastAPI:
+        settings = settings or Settings()
+        resources = Resources(settings, "profile", cassandra=True, redis=True, producer=True)
+        app = create_service_app("profile", title=..., description=..., lifespan=resources.lifespan)
+        app.include_router(...)
+        return app
+
+and its ``__main__.py`` is ``run_service("profile", create_app)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import faust
+import uvicorn
+from aiokafka import AIOKafkaProducer
+from cassandra.cluster import Cluster, Session
+from fastapi import FastAPI, Request
+from redis.asyncio import Redis
+
+from loyalist.auth import CredentialStore
+from loyalist.cassandra import execute, make_cluster
+from loyalist.kafka import make_producer
+from loyalist.logging import configure_logging
+from loyalist.redis import make_redis, redis_ready
+from loyalist.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Hook = Callable[["Resources", FastAPI], Awaitable[None]]
+
+
+def make_stream_app(settings: Settings, service: str, **overrides: Any) -> faust.App:
+    """The faust app of a service's stream agents, embedded in the service process (started in the
+    lifespan). Offsets are committed by faust only after an agent finished with an event, so every
+    effect must be idempotent; producers wait for all in-sync replicas."""
+    config: dict[str, Any] = {
+        "broker": f"kafka://{settings.kafka_bootstrap}",
+        "web_enabled": False,
+        "store": "memory://",
+        "topic_partitions": settings.kafka_partitions,
+        "topic_replication_factor": 1,
+        "producer_acks": -1,
+        "consumer_auto_offset_reset": "earliest",
+        "broker_commit_every": 200,
+        "broker_commit_interval": 1.0,
+        "stream_wait_empty": False,
+        "table_cleanup_interval": 30.0,
+    }
+    config.update(overrides)
+    return faust.App(f"{settings.namespace}-{service}", **config)
+
+
+class Resources:
+    """The adapters a service uses, opened in the app's lifespan and closed on shutdown.
+
+    Readiness (``/readyz``) checks each opened adapter with a real round trip.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        service: str,
+        *,
+        cassandra: bool = True,
+        redis: bool = False,
+        producer: bool = False,
+        stream_app: faust.App | None = None,
+        on_start: Hook | None = None,
+        on_stop: Hook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.service = service
+        self._want_cassandra = cassandra
+        self._want_redis = redis
+        self._want_producer = producer
+        self.stream_app = stream_app
+        self._on_start = on_start
+        self._on_stop = on_stop
+        self.cluster: Cluster | None = None
+        self._session: Session | None = None
+        self._redis: Redis | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self.credentials: CredentialStore | None = None
+
+    @property
+    def session(self) -> Session:
+        assert self._session is not None, "cassandra not opened for this service"
+        return self._session
+
+    @property
+    def redis(self) -> Redis:
+        assert self._redis is not None, "redis not opened for this service"
+        return self._redis
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        assert self._producer is not None, "kafka producer not opened for this service"
+        return self._producer
+
+    async def open(self, app: FastAPI) -> None:
+        checks = app.state.ready_checks
+        if self._want_cassandra:
+            self.cluster = make_cluster(self.settings)
+            self._session = await asyncio.to_thread(self.cluster.connect, self.settings.keyspace)
+            self.credentials = CredentialStore(self._session)
+            app.state.credentials = self.credentials
+
+            async def cassandra_check() -> bool:
+                await execute(self.session, "SELECT now() FROM system.local")
+                return True
+
+            checks["cassandra"] = cassandra_check
+        if self._want_redis:
+            self._redis = make_redis(self.settings)
+
+            async def redis_check() -> bool:
+                return await redis_ready(self.redis)
+
+            checks["redis"] = redis_check
+        if self._want_producer:
+            self._producer = make_producer(self.settings, client_id=f"{self.settings.namespace}-{self.service}")
+            await self._producer.start()
+
+            async def kafka_check() -> bool:
+                assert self._producer is not None
+                # A metadata round trip to the broker.
+                await asyncio.wait_for(self._producer.client.fetch_all_metadata(), 3)
+                return True
+
+            checks["kafka"] = kafka_check
+        if self._on_start is not None:
+            await self._on_start(self, app)
+        if self.stream_app is not None:
+            await self.stream_app.start()
+        app.state.resources = self
+        app.state.started = True
+
+    async def close(self, app: FastAPI) -> None:
+        app.state.started = False
+        if self.stream_app is not None:
+            try:
+                await self.stream_app.stop()
+            except Exception:
+                log.exception("stopping the stream app")
+        if self._on_stop is not None:
+            await self._on_stop(self, app)
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._redis is not None:
+            await self._redis.aclose()
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.shutdown)
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        await self.open(app)
+        try:
+            yield
+        finally:
+            await self.close(app)
+
+
+def resources(request: Request) -> Resources:
+    """FastAPI dependency: the service's opened adapters."""
+    return request.app.state.resources  # type: ignore[no-any-return]
+
+
+def run_service(service: str, create_app: Callable[[Settings], FastAPI]) -> None:
+    settings = Settings()
+    configure_logging(settings, service)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.service_port(service),
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=10,
+    )
