@@ -65,10 +65,10 @@ test: lint
 
 # ---- proof ---------------------------------------------------------------------------------------
 demo: up
-	$(PY) -m loyalist.demo
+	$(PY) -m demo
 
 bench: up
-	$(PY) -m loyalist.bench
+	$(PY) -m bench
 
 clean: down
 	rm -rf .loyalist
