@@ -1,0 +1,57 @@
+"""The local stack manager: idempotent start, readiness with real clients, clear failures, exact stop."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from loyalist.devstack import Stack, StackError, _pid_alive
+from loyalist.settings import Settings
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def private_settings(tmp_path: Path, **ports: int) -> Settings:
+    return Settings(home=tmp_path / "stack", redis_port=free_port(), **ports)
+
+
+def test_redis_start_is_idempotent_and_down_stops_exactly_it(tmp_path: Path) -> None:
+    stack = Stack(private_settings(tmp_path), quiet=True)
+    stack.up(["redis"])
+    pid = stack.pid_of("redis")
+    assert pid is not None and stack.components["redis"].ready()
+    # A second start reuses the running server instead of starting another.
+    assert stack.start("redis") == f"reused (pid {pid})"
+    assert stack.status(["redis"]) == [("redis", f"ready (pid {pid})")]
+    stack.down(["redis"])
+    assert not _pid_alive(pid)
+    assert not stack.pid_file("redis").exists()
+    assert not stack.components["redis"].ready()
+
+
+def test_a_foreign_process_on_the_port_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        stack = Stack(Settings(home=tmp_path / "stack", redis_port=port), quiet=True)
+        with pytest.raises(StackError, match=rf"redis: port {port} is taken.*LOYALIST_REDIS_PORT"):
+            stack.start("redis")
+
+
+def test_a_server_that_dies_at_start_names_itself_and_its_log(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "stack", redis_port=free_port())
+    stack = Stack(settings, quiet=True)
+    comp = stack.components["redis"]
+    # An invalid option makes redis-server exit at once, as a broken install or config would.
+    original = comp.command
+    comp.command = lambda: [*original(), "--no-such-option", "x"]
+    stack.start("redis")
+    with pytest.raises(StackError) as failure:
+        stack.wait_ready("redis")
+    message = str(failure.value)
+    assert "redis exited during start" in message
+    assert str(stack.log_file("redis")) in message
