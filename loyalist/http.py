@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -96,7 +96,6 @@ def create_service_app(
         description=description,
         version=version,
         lifespan=lifespan,
-        default_response_class=ORJSONResponse,
     )
     app.state.ready_checks = {}
     app.state.service = service
@@ -104,33 +103,33 @@ def create_service_app(
     app.add_middleware(MetricsMiddleware, service=service)
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> ORJSONResponse:
-        return ORJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
             {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
             for e in exc.errors()
         ]
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         where = ".".join(str(p) for p in first["loc"])
-        return ORJSONResponse(
+        return JSONResponse(
             {"code": "validation_error", "message": f"{where}: {first['msg']}", "detail": errors},
             status_code=422,
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return ORJSONResponse(
+        return JSONResponse(
             {"code": code, "message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
         )
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> ORJSONResponse:
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return ORJSONResponse({"code": "internal_error", "message": "unexpected server error"}, status_code=500)
+        return JSONResponse({"code": "internal_error", "message": "unexpected server error"}, status_code=500)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness: the process is serving")
     async def healthz() -> dict[str, str]:
@@ -138,7 +137,7 @@ def create_service_app(
 
     @app.get("/readyz", tags=["ops"], summary="Readiness: every dependency answers",
              responses={503: {"description": "A dependency is not ready"}})
-    async def readyz() -> ORJSONResponse:
+    async def readyz() -> JSONResponse:
         checks: dict[str, bool] = {}
         for name, check in app.state.ready_checks.items():
             try:
@@ -146,7 +145,7 @@ def create_service_app(
             except Exception:
                 checks[name] = False
         ok = all(checks.values()) and getattr(app.state, "started", False)
-        return ORJSONResponse(
+        return JSONResponse(
             {"status": "ready" if ok else "not_ready", "service": service, "checks": checks},
             status_code=200 if ok else 503,
         )
