@@ -1,0 +1,465 @@
+"""``python -m bench``: every Loyalist figure next to a raw baseline measured in the same run.
+
+The run never touches the stack's own data: it creates private namespaces (topics, keyspace, Redis prefix)
+on the running servers, starts its own service processes on free ports, and removes the namespaces after.
+
+Phases (a few minutes in total):
+1. baselines — raw Kafka produce, Kafka round trip, Redis GET, Cassandra writes (``bench.baselines``);
+2. ingest alone (namespace A): ``/v1/batch`` events/s and ``/v1/track`` req/s with p50/p99 from a load
+   generator process; then the processors are started on the backlog this left and their events/s measured
+   from their consumer groups' committed offsets;
+3. the whole pipeline (namespace B): a steady 1,000 events/s for ``--steady-s`` seconds while taps on
+   ``profile.changed``, ``segment.membership`` and ``message.requests`` time every output against the moment
+   ingest accepted its event; then the profile API at 1,000 req/s; replay; memory of every process.
+
+A section whose service is not there (yet) or fails says why instead of a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from bench.baselines import measure_all
+from bench.loadgen import percentiles, run_in_process
+from bench.procs import REPO, Fleet, available_services, infra_pids, rss_bytes, service_exists
+from bench.stream import Tap, group_progress, topic_size
+from loyalist.settings import Settings
+
+JSON = dict[str, Any]
+
+TARGETS: dict[str, tuple[str, float, str]] = {
+    # key: (figure, target, comparison)
+    "ingest.batch_events_per_s": ("ingest /v1/batch events/s", 20_000, ">="),
+    "ingest.track_requests_per_s": ("ingest /v1/track req/s", 3_000, ">="),
+    "ingest.track_p99_ms": ("ingest /v1/track p99 ms", 25, "<="),
+    "freshness.p99_ms": ("event → profile p99 ms", 500, "<="),
+    "segment.p99_ms": ("event → segment.entered p99 ms", 1_000, "<="),
+    "trigger.p99_ms": ("event → message request p99 ms", 1_000, "<="),
+    "profile_api.p99_ms": ("profile API p99 ms @1k req/s", 10, "<="),
+    "processor.profile_events_per_s": ("profile processor events/s", 5_000, ">="),
+}
+
+STEADY_EVENTS = ["Product Viewed", "Product Added", "Checkout Started", "Order Completed"]
+
+
+def not_measured(why: str) -> JSON:
+    return {"not_measured": why}
+
+
+def missing(fleet: Fleet, service: str) -> str:
+    """Why a service is not running in a fleet, in one line."""
+    why = fleet.failures.get(service) or f"services/{service} is not there yet"
+    return f"{service} is not running: {why[:300]}"
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def basic_auth(write_key: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()}
+
+
+# ---- phase 2: ingest alone, then processor throughput on its backlog --------------------------------------------
+async def ingest_phase(settings: Settings, fleet: Fleet, args: argparse.Namespace) -> JSON:
+    url = fleet.url("ingest")
+    if url is None:
+        return not_measured(missing(fleet, "ingest"))
+    out: JSON = {}
+    say(f"ingest: /v1/batch, {args.batch_size} events per request, {args.batch_concurrency} connections, "
+        f"{args.ingest_s}s ...")
+    batch = await run_in_process({
+        "shape": "closed", "url": url, "write_key": settings.dev_write_key, "concurrency": args.batch_concurrency,
+        "duration_s": args.ingest_s, "body": {"kind": "batch", "batch_size": args.batch_size,
+                                              "events": STEADY_EVENTS, "users": 20_000, "prefix": "ib"},
+    })
+    out["batch"] = batch
+    out["batch_events_per_s"] = batch["events_per_s"] if batch["ok_requests"] else None
+    say(f"ingest: /v1/track, {args.track_concurrency} connections, {args.ingest_s}s ...")
+    track = await run_in_process({
+        "shape": "closed", "url": url, "write_key": settings.dev_write_key, "concurrency": args.track_concurrency,
+        "duration_s": args.ingest_s, "body": {"kind": "track", "events": STEADY_EVENTS, "users": 20_000,
+                                              "prefix": "it"},
+    })
+    out["track"] = track
+    out["track_requests_per_s"] = track["requests_per_s"] if track["ok_requests"] else None
+    out["track_p50_ms"] = track["latency"]["p50_ms"]
+    out["track_p99_ms"] = track["latency"]["p99_ms"]
+    out["events_in_log"] = await topic_size(settings, "events.raw")
+    out["acknowledged"] = batch["events_acknowledged"] + track["events_acknowledged"]
+    if out["batch_events_per_s"] is None:
+        out["note"] = f"no batch request succeeded: {batch['first_error']}"
+    return out
+
+
+async def processor_phase(settings: Settings, fleet: Fleet, args: argparse.Namespace) -> JSON:
+    """Start the processors on the backlog ingest left and read their progress from committed offsets."""
+    names = [n for n in ("profile", "segmenter", "journeys", "notify") if service_exists(n)]
+    if "profile" not in names:
+        return not_measured("services/profile is not there yet")
+    say(f"processors: starting {', '.join(names)} on a backlog of {await topic_size(settings, 'events.raw')} "
+        f"events, measuring for {args.drain_s}s ...")
+    await asyncio.to_thread(fleet.start, names)
+    if "profile" not in fleet.services:
+        return not_measured(f"profile did not start: {fleet.failures.get('profile', '')[:400]}")
+    first = await group_progress(settings)
+    t0 = time.monotonic()
+    samples: list[tuple[float, dict[str, tuple[int, int]]]] = [(t0, first)]
+    deadline = t0 + args.drain_s
+    while time.monotonic() < deadline:
+        await asyncio.sleep(2)
+        progress = await group_progress(settings)
+        samples.append((time.monotonic(), progress))
+        behind = {g: end - done for g, (done, end) in progress.items()}
+        if progress and all(v == 0 for v in behind.values()) and len(samples) > 2:
+            break
+    out: JSON = {"groups": {}}
+    t_end, last = samples[-1]
+    for group, (done, end) in last.items():
+        # the rate from the first sample in which the group had committed anything
+        start = next(((t, p[group][0]) for t, p in samples if group in p), (t_end, done))
+        elapsed = t_end - start[0]
+        rate = (done - start[1]) / elapsed if elapsed > 0 else None
+        out["groups"][group] = {"events_per_s": round(rate, 1) if rate is not None else None,
+                                "committed": done, "end": end, "lag": end - done}
+    profile_group = f"{settings.namespace}-profile"
+    rate = out["groups"].get(profile_group, {}).get("events_per_s")
+    out["profile_events_per_s"] = rate
+    if rate is None:
+        out["note"] = f"no committed offsets seen for group {profile_group}: groups {sorted(last)}"
+    return out
+
+
+# ---- phase 3: the whole pipeline at a steady rate -------------------------------------------------------------
+async def create_bench_segment(client: httpx.AsyncClient) -> str:
+    """A rule segment every bench customer enters with their first order."""
+    resp = await client.post("/v1/segments", json={
+        "name": "bench buyers", "description": "customers with an order (bench)",
+        "rule": {"event": "Order Completed", "at_least": 1, "within_days": 30},
+    })
+    if resp.status_code >= 300:
+        raise RuntimeError(f"POST /v1/segments → {resp.status_code} {resp.text[:300]}")
+    return str(resp.json().get("id") or resp.json().get("segment_id"))
+
+
+async def create_bench_journey(client: httpx.AsyncClient) -> str:
+    """A journey that requests a message as soon as a checkout starts (no delay node)."""
+    resp = await client.post("/v1/journeys", json={
+        "name": "bench trigger", "entry": {"type": "event", "event": "Checkout Started"},
+        "reentry": {"policy": "always"},
+        "nodes": [{"id": "send", "type": "send", "channel": "email", "template_id": "bench", "next": "end"},
+                  {"id": "end", "type": "exit"}],
+    })
+    if resp.status_code >= 300:
+        raise RuntimeError(f"POST /v1/journeys → {resp.status_code} {resp.text[:300]}")
+    journey_id = str(resp.json().get("id") or resp.json().get("journey_id"))
+    act = await client.post(f"/v1/journeys/{journey_id}/activate")
+    if act.status_code >= 300:
+        raise RuntimeError(f"activate → {act.status_code} {act.text[:300]}")
+    return journey_id
+
+
+def tap_result(tap: Tap, expected: int, window_s: float) -> JSON:
+    res: JSON = {**percentiles(tap.latencies), "expected": expected, "records_on_topic": tap.records}
+    seen = len(tap.latencies)
+    if expected and seen < 0.99 * expected:
+        # the missing outputs are slower than the window: p99 is not known, only that it is beyond it
+        res["note"] = (f"only {seen} of {expected} outputs arrived within {window_s:.0f}s after the load; "
+                       f"p99 is above {window_s * 1000:.0f} ms")
+        res["p99_ms"] = None
+    return res
+
+
+async def pipeline_phase(settings: Settings, fleet: Fleet, args: argparse.Namespace, results: JSON) -> None:
+    ingest = fleet.url("ingest")
+    headers = {"Authorization": f"Bearer {settings.dev_api_token}"}
+    why_no_ingest = missing(fleet, "ingest")
+    setup_notes: dict[str, str] = {}
+    if fleet.url("segmenter"):
+        async with httpx.AsyncClient(base_url=fleet.url("segmenter") or "", headers=headers, timeout=20) as c:
+            try:
+                await create_bench_segment(c)
+            except Exception as exc:
+                setup_notes["segment"] = f"could not create the bench segment: {exc}"
+    if fleet.url("journeys"):
+        async with httpx.AsyncClient(base_url=fleet.url("journeys") or "", headers=headers, timeout=20) as c:
+            try:
+                await create_bench_journey(c)
+            except Exception as exc:
+                setup_notes["trigger"] = f"could not create the bench journey: {exc}"
+
+    taps: dict[str, Tap] = {}
+    prefix = "bs"
+    if fleet.url("profile"):
+        taps["freshness"] = Tap(settings, "profile.changed", lambda v: (
+            (v.get("cause") or {}).get("receivedAt")
+            if str((v.get("cause") or {}).get("messageId", "")).startswith(prefix) else None))
+    if fleet.url("segmenter"):
+        taps["segment"] = Tap(settings, "segment.membership",
+                              lambda v: v.get("eventAcceptedAt") if v.get("change") == "entered" else None)
+    if fleet.url("journeys"):
+        taps["trigger"] = Tap(settings, "message.requests", lambda v: v.get("eventAcceptedAt"))
+    for tap in taps.values():
+        await tap.start()
+
+    steady: JSON | None = None
+    if ingest is None:
+        for key in ("freshness", "segment", "trigger"):
+            results[key] = not_measured(why_no_ingest)
+    else:
+        per_request = 20
+        say(f"pipeline: steady {args.rate} events/s ({per_request} per /v1/batch) for {args.steady_s}s, "
+            f"timing outputs on {', '.join(t.topic for t in taps.values()) or 'no topic (no processor)'} ...")
+        steady = await run_in_process({
+            "shape": "open", "url": ingest, "write_key": settings.dev_write_key, "rate": args.rate / per_request,
+            "duration_s": args.steady_s, "max_in_flight": 64,
+            "body": {"kind": "batch", "batch_size": per_request, "events": STEADY_EVENTS, "events_per_user": 4,
+                     "prefix": prefix},
+        })
+        acknowledged = steady["events_acknowledged"]
+        users = acknowledged // len(STEADY_EVENTS)
+        expected = {"freshness": acknowledged, "segment": users, "trigger": users}
+        # let the tail arrive: stop when every tap has what it expects or the window closes
+        deadline = time.monotonic() + args.tail_s
+        def waiting() -> bool:
+            return any(len(t.latencies) < expected[k] for k, t in taps.items() if k not in setup_notes)
+
+        while time.monotonic() < deadline:
+            if not waiting():
+                break
+            await asyncio.sleep(0.5)
+        for key in ("freshness", "segment", "trigger"):
+            if key in setup_notes:
+                results[key] = not_measured(setup_notes[key])
+            elif key in taps:
+                results[key] = tap_result(taps[key], expected[key], args.tail_s)
+                results[key]["offered_events_per_s"] = args.rate
+                results[key]["ingest_acknowledged"] = acknowledged
+                results[key]["ingest_p99_ms"] = steady["latency"]["p99_ms"]
+            else:
+                service = {"freshness": "profile", "segment": "segmenter", "trigger": "journeys"}[key]
+                results[key] = not_measured(missing(fleet, service))
+        if taps.get("segment") is not None and not taps["segment"].latencies and "segment" not in setup_notes:
+            results["segment"]["note"] = "no segment.entered carried eventAcceptedAt"
+    for tap in taps.values():
+        await tap.stop()
+
+    # profile API
+    profile = fleet.url("profile")
+    if profile is None:
+        results["profile_api"] = not_measured(missing(fleet, "profile"))
+    elif steady is None or not steady["events_acknowledged"]:
+        results["profile_api"] = not_measured("no profiles to read: the steady load was not accepted")
+    else:
+        users = max(1, steady["events_acknowledged"] // len(STEADY_EVENTS))
+        paths = [f"/v1/profiles/{prefix}-u{i}" for i in range(min(users, 5000))]
+        say(f"profile API: GET /v1/profiles/{{id}} at {args.api_rate} req/s for {args.api_s}s, then max rate ...")
+        paced = await run_in_process({"shape": "open", "url": profile, "headers": headers, "rate": args.api_rate,
+                                      "duration_s": args.api_s, "body": {"kind": "get", "paths": paths}})
+        closed = await run_in_process({"shape": "closed", "url": profile, "headers": headers, "concurrency": 16,
+                                       "duration_s": 5, "body": {"kind": "get", "paths": paths}})
+        results["profile_api"] = {
+            "p50_ms": paced["latency"]["p50_ms"], "p99_ms": paced["latency"]["p99_ms"],
+            "offered_requests_per_s": args.api_rate, "at_rate": paced,
+            "max_requests_per_s": closed["requests_per_s"], "max_rate": closed,
+        }
+        if not paced["ok_requests"]:
+            results["profile_api"]["p99_ms"] = None
+            results["profile_api"]["note"] = f"no GET succeeded: {paced['first_error']}"
+
+    results["replay"] = replay_phase(settings, fleet, args)
+
+
+def replay_phase(settings: Settings, fleet: Fleet, args: argparse.Namespace) -> JSON:
+    """The profile service's replay command over this namespace's log, timed from the outside."""
+    cli = next((p for p in ("services/profile/cli.py", "services/profile/replay.py") if (REPO / p).exists()), None)
+    if cli is None:
+        return not_measured("services/profile has no replay command yet (cli.py / replay.py)")
+    module = cli[:-3].replace("/", ".")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", module, "replay", "--into", f"{settings.namespace}_replay"],
+                          cwd=REPO, env=fleet.env(), capture_output=True, text=True, timeout=args.replay_timeout_s)
+    elapsed = time.monotonic() - started
+    if proc.returncode != 0:
+        return not_measured(f"{module} replay exited {proc.returncode}: {(proc.stderr or proc.stdout)[-400:]}")
+    return {"elapsed_s": round(elapsed, 1), "output_tail": proc.stdout[-400:]}
+
+
+def memory_phase(fleets: list[Fleet], base: Settings) -> JSON:
+    procs: JSON = {}
+    for fleet in fleets:
+        for name, svc in fleet.services.items():
+            if svc.pid:
+                procs[f"{name} ({fleet.settings.namespace})"] = svc.rss()
+    for name, pid in infra_pids(base).items():
+        if name in ("kafka", "cassandra", "redis", "prometheus", "smtp"):
+            procs[name] = rss_bytes(pid)
+    return {"rss_mb": {k: round(v / 2**20, 1) for k, v in procs.items() if v}}
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+def flat_figures(results: JSON) -> JSON:
+    def get(section: str, key: str) -> Any:
+        sec = results.get(section) or {}
+        return sec.get(key)
+
+    return {
+        "ingest.batch_events_per_s": get("ingest", "batch_events_per_s"),
+        "ingest.track_requests_per_s": get("ingest", "track_requests_per_s"),
+        "ingest.track_p99_ms": get("ingest", "track_p99_ms"),
+        "freshness.p50_ms": get("freshness", "p50_ms"),
+        "freshness.p99_ms": get("freshness", "p99_ms"),
+        "segment.p99_ms": get("segment", "p99_ms"),
+        "trigger.p99_ms": get("trigger", "p99_ms"),
+        "profile_api.p99_ms": get("profile_api", "p99_ms"),
+        "profile_api.max_requests_per_s": get("profile_api", "max_requests_per_s"),
+        "processor.profile_events_per_s": get("processor", "profile_events_per_s"),
+    }
+
+
+def attach_baselines(results: JSON, base: JSON) -> None:
+    kp, rt, rg, cw = base["kafka_produce"], base["kafka_roundtrip"], base["redis_get"], base["cassandra_write"]
+    pairs = {
+        "ingest": {"raw_kafka_produce_events_per_s": kp["events_per_s"]},
+        "freshness": {"raw_kafka_roundtrip_p50_ms": rt["p50_ms"], "raw_kafka_roundtrip_p99_ms": rt["p99_ms"]},
+        "segment": {"raw_kafka_roundtrip_p99_ms": rt["p99_ms"]},
+        "trigger": {"raw_kafka_roundtrip_p99_ms": rt["p99_ms"]},
+        "profile_api": {"raw_redis_get_p50_ms": rg["p50_ms"], "raw_redis_get_p99_ms": rg["p99_ms"],
+                        "raw_redis_gets_per_s": rg["gets_per_s"]},
+        "processor": {"raw_cassandra_writes_per_s": cw["writes_per_s"],
+                      "raw_kafka_produce_events_per_s": kp["events_per_s"]},
+        "replay": {"raw_cassandra_writes_per_s": cw["writes_per_s"]},
+    }
+    for section, baseline in pairs.items():
+        results.setdefault(section, {})
+        results[section]["baseline"] = baseline
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if value >= 100 else f"{value:,.2f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def render_table(results: JSON) -> str:
+    figs = flat_figures(results)
+    rows = [("figure", "measured", "baseline (same run)", "target", "")]
+    baseline_text = {
+        "ingest": lambda b: f"raw produce {fmt(b['raw_kafka_produce_events_per_s'])} ev/s",
+        "freshness": lambda b: f"kafka hop p99 {fmt(b['raw_kafka_roundtrip_p99_ms'])} ms",
+        "segment": lambda b: f"kafka hop p99 {fmt(b['raw_kafka_roundtrip_p99_ms'])} ms",
+        "trigger": lambda b: f"kafka hop p99 {fmt(b['raw_kafka_roundtrip_p99_ms'])} ms",
+        "profile_api": lambda b: f"redis GET p99 {fmt(b['raw_redis_get_p99_ms'])} ms",
+        "processor": lambda b: f"cassandra {fmt(b['raw_cassandra_writes_per_s'])} writes/s",
+    }
+    for key, (label, target, cmp) in TARGETS.items():
+        section = key.split(".")[0]
+        value = figs.get(key)
+        sec = results.get(section) or {}
+        base = sec.get("baseline")
+        btxt = baseline_text[section](base) if base and section in baseline_text else "—"
+        if value is None:
+            why = sec.get("not_measured") or sec.get("note") or "not measured"
+            verdict = f"not measured: {why}"[:90]
+        else:
+            met = value >= target if cmp == ">=" else value <= target
+            verdict = "meets target" if met else "MISSES target"
+        rows.append((label, fmt(value), btxt, f"{cmp} {fmt(target)}", verdict))
+    for label, key in (("event → profile p50 ms", "freshness.p50_ms"),
+                       ("profile API max req/s", "profile_api.max_requests_per_s")):
+        rows.append((label, fmt(figs.get(key)), "", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for n, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(widths[i]) if i < 4 else c for i, c in enumerate(r)))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+async def main_async(args: argparse.Namespace) -> JSON:
+    base = Settings()
+    started = time.monotonic()
+    results: JSON = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "services_present": available_services()}
+    fleets: list[Fleet] = []
+    try:
+        say("namespace A (baselines, ingest alone, then processors on its backlog) ...")
+        fleet_a = await asyncio.to_thread(Fleet.create, base, prefix="bench")
+        fleets.append(fleet_a)
+        baselines = await measure_all(fleet_a.settings, say)
+        results["baselines"] = baselines
+        await asyncio.to_thread(fleet_a.start, ["ingest"])
+        results["ingest"] = await ingest_phase(fleet_a.settings, fleet_a, args)
+        results["processor"] = await processor_phase(fleet_a.settings, fleet_a, args)
+        memory_a = memory_phase([fleet_a], base)
+        fleet_a.stop()
+
+        say("namespace B (the whole pipeline at a steady rate) ...")
+        fleet_b = await asyncio.to_thread(Fleet.create, base, prefix="bench")
+        fleets.append(fleet_b)
+        await asyncio.to_thread(fleet_b.start, available_services())
+        results["failures"] = {**fleet_a.failures, **fleet_b.failures}
+        await pipeline_phase(fleet_b.settings, fleet_b, args, results)
+        results["memory"] = memory_phase([fleet_b], base)
+        results["memory"]["after_backlog_rss_mb"] = memory_a["rss_mb"]
+        attach_baselines(results, baselines)
+    finally:
+        for fleet in fleets:
+            fleet.stop()
+            if not args.keep:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(fleet.drop)
+    results["took_s"] = round(time.monotonic() - started, 1)
+    results["figures"] = flat_figures(results)
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ingest-s", type=float, default=10, help="seconds per ingest load test")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-concurrency", type=int, default=8)
+    p.add_argument("--track-concurrency", type=int, default=32)
+    p.add_argument("--drain-s", type=float, default=30, help="seconds to watch processors on the backlog")
+    p.add_argument("--rate", type=int, default=1000, help="steady events/s for the latency figures")
+    p.add_argument("--steady-s", type=float, default=20)
+    p.add_argument("--tail-s", type=float, default=10, help="seconds to wait for late outputs after the load")
+    p.add_argument("--api-rate", type=int, default=1000)
+    p.add_argument("--api-s", type=float, default=10)
+    p.add_argument("--replay-timeout-s", type=float, default=180)
+    p.add_argument("--out", type=Path, default=None, help="JSON file (default .loyalist/bench/latest.json)")
+    p.add_argument("--keep", action="store_true", help="keep the bench namespaces (topics, keyspace) for study")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = asyncio.run(main_async(args))
+    out = args.out or (Settings().state_dir / "bench" / "latest.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    stamped = out.parent / f"bench-{results['started_at'].replace(':', '')}.json"
+    stamped.write_text(orjson.dumps(results, default=str).decode())
+    print()
+    print(render_table(results))
+    mem = results.get("memory", {}).get("rss_mb", {})
+    if mem:
+        print("\nmemory (RSS MB): " + ", ".join(f"{k} {v:,.0f}" for k, v in mem.items()))
+    print(f"\nfull results: {out}  ({results['took_s']:.0f}s)")
+    return 0
