@@ -1,0 +1,107 @@
+"""Publishing events to ``events.raw``: an idempotent acks=all producer that ingest keeps running even
+when Kafka is down at startup (it reconnects in the background and requests get 503 meanwhile)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaProducer
+
+from loyalist.kafka import make_producer
+from loyalist.metrics import KAFKA_PRODUCE_DURATION, KAFKA_PRODUCE_ERRORS, KAFKA_PRODUCED
+from loyalist.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class KafkaUnavailable(Exception):
+    """Kafka did not acknowledge in time; ``acked`` tells which records of the call were written."""
+
+    def __init__(self, message: str, acked: list[bool]) -> None:
+        super().__init__(message)
+        self.acked = acked
+
+
+class EventSink:
+    def __init__(self, settings: Settings, topic: str, *, timeout_s: float, linger_ms: int) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self.linger_ms = linger_ms
+        self._producer: AIOKafkaProducer | None = None
+        self._connector: asyncio.Task[None] | None = None
+        self._produce_latency = KAFKA_PRODUCE_DURATION.labels("ingest", topic)
+        self._produced = KAFKA_PRODUCED.labels("ingest", topic)
+
+    @property
+    def connected(self) -> bool:
+        return self._producer is not None
+
+    async def start(self) -> None:
+        self._connector = asyncio.create_task(self._connect_forever())
+
+    async def _connect_forever(self) -> None:
+        delay = 0.5
+        while True:
+            producer = make_producer(
+                self.settings, client_id=f"{self.settings.namespace}-ingest", linger_ms=self.linger_ms
+            )
+            try:
+                await producer.start()
+            except Exception as exc:
+                log.warning("kafka not reachable (%s); retrying in %.1fs", exc, delay)
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            self._producer = producer
+            log.info("kafka producer connected to %s", self.settings.kafka_bootstrap)
+            return
+
+    async def stop(self) -> None:
+        if self._connector is not None and not self._connector.done():
+            self._connector.cancel()
+            with contextlib.suppress(BaseException):
+                await self._connector
+        if self._producer is not None:
+            # Flushes what is in flight.
+            await self._producer.stop()
+            self._producer = None
+
+    async def check(self) -> bool:
+        if self._producer is None:
+            return False
+        await asyncio.wait_for(self._producer.client.fetch_all_metadata(), 3)
+        return True
+
+    async def publish(self, records: Sequence[tuple[bytes, bytes]]) -> None:
+        """Write (key, value) records and wait until Kafka acknowledged every one of them.
+
+        Raises :class:`KafkaUnavailable` (with which records were acknowledged) when the broker is
+        unreachable or slower than the timeout; the caller answers 503 and the client retries.
+        """
+        producer = self._producer
+        if producer is None:
+            KAFKA_PRODUCE_ERRORS.labels("ingest", self.topic, "not_connected").inc()
+            raise KafkaUnavailable("kafka is not connected", [False] * len(records))
+        started = time.perf_counter()
+        futures: list[asyncio.Future[object]] = []
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                for key, value in records:
+                    futures.append(await producer.send(self.topic, value, key=key))
+                await asyncio.gather(*futures)
+        except Exception as exc:
+            acked = [f.done() and not f.cancelled() and f.exception() is None for f in futures]
+            acked += [False] * (len(records) - len(acked))
+            reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            KAFKA_PRODUCE_ERRORS.labels("ingest", self.topic, reason).inc()
+            log.warning("produce failed (%s): %d of %d acknowledged", reason, sum(acked), len(records))
+            raise KafkaUnavailable(f"kafka did not acknowledge: {reason}", acked) from exc
+        self._produce_latency.observe(time.perf_counter() - started)
+        self._produced.inc(len(records))

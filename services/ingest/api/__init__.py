@@ -1,0 +1,1 @@
+"""Ingest's HTTP routers (thin: read the request, call the pipeline, answer)."""

@@ -1,0 +1,62 @@
+"""Wiring of the ingest service: settings → adapters (Cassandra credentials, Redis guard, Kafka sink) →
+the pipeline → routers."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from loyalist.http import create_service_app
+from loyalist.service import Resources
+from loyalist.settings import Settings
+from loyalist.topics import EVENTS_RAW
+from services.ingest.adapters.guard import IngestGuard
+from services.ingest.adapters.kafka_sink import EventSink
+from services.ingest.api.tracking import tracking_router
+from services.ingest.config import IngestConfig
+from services.ingest.domain.schemas import SchemaRegistry
+from services.ingest.pipeline import Ingestor
+
+DESCRIPTION = """Every fact Loyalist knows about a customer enters here.
+
+* **Tracking API**, compatible with Segment's HTTP Tracking API:
+  `POST /v1/identify|track|page|screen|group|alias|batch`, authenticated with a write key as the HTTP Basic
+  username (empty password) or `writeKey` in the body.
+  A `200 {"success": true}` means Kafka acknowledged the event.
+* The same endpoints under the first-party prefix (default `/lp`) for proxying from the shop's domain.
+"""
+
+
+def create_app(settings: Settings | None = None, config: IngestConfig | None = None) -> FastAPI:
+    settings = settings or Settings()
+    config = config or IngestConfig()
+    schemas = SchemaRegistry.load()
+    sink = EventSink(settings, settings.topic(EVENTS_RAW.name), timeout_s=config.produce_timeout_s,
+                     linger_ms=config.producer_linger_ms)
+
+    async def on_start(resources: Resources, app: FastAPI) -> None:
+        await sink.start()
+        app.state.ready_checks["kafka"] = sink.check
+        guard = IngestGuard(resources.redis, settings, rate_per_s=config.rate_limit_per_s,
+                            burst=config.rate_limit_burst, dedup_ttl_s=config.dedup_ttl_s)
+        app.state.ingestor = Ingestor(sink, guard, schemas, config)
+
+    async def on_stop(resources: Resources, app: FastAPI) -> None:
+        await sink.stop()
+
+    resources = Resources(settings, "ingest", cassandra=True, redis=True, producer=False,
+                          on_start=on_start, on_stop=on_stop)
+    app = create_service_app("ingest", title="Loyalist ingest", description=DESCRIPTION,
+                             lifespan=resources.lifespan)
+    app.state.config = config
+    app.state.schemas = schemas
+    app.include_router(tracking_router())
+    app.include_router(tracking_router(config.first_party_prefix, include_in_schema=False))
+    origins = config.cors_origin_list
+    if origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=origins, allow_methods=["POST", "GET", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Content-Encoding"], max_age=86400,
+        )
+    return app
+

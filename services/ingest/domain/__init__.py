@@ -1,0 +1,1 @@
+"""Pure ingest logic: tracking-call normalisation, schema validation, platform payload mappings."""
