@@ -219,9 +219,10 @@ def parse_mount(item: Any) -> Mount:
 
 
 class ComposeCheck:
-    def __init__(self, compose_file: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, compose_file: Path, env: dict[str, str] | None = None, root: Path | None = None) -> None:
         self.path = compose_file
-        self.root = compose_file.resolve().parent
+        # Relative paths in the file resolve against its directory (``root`` overrides it, for tests).
+        self.root = (root or compose_file.parent).resolve()
         # Interpolation uses the file's own defaults, not the caller's shell: CI checks the file as shipped.
         self.env = env or {}
         self.problems: list[Problem] = []
