@@ -196,7 +196,7 @@ class Stack:
         for sub in ("data", "commitlog", "hints", "saved_caches", "cdc_raw", "logs"):
             (data / sub).mkdir(parents=True, exist_ok=True)
         yaml = (LOCAL / "cassandra" / "cassandra.yaml.tmpl").read_text().format(
-            storage_port=7000, native_port=self.s.cassandra_port, data_dir=data
+            storage_port=self.s.cassandra_storage_port, native_port=self.s.cassandra_port, data_dir=data
         )
         (data / "cassandra.yaml").write_text(yaml)
 
@@ -216,7 +216,7 @@ class Stack:
             f"-Dcassandra.storagedir={data}",
             f"-Dcassandra.logdir={data / 'logs'}",
             f"-Dlogback.configurationFile={LOCAL / 'cassandra' / 'logback.xml'}",
-            "-Dcassandra.jmx.local.port=7199",
+            f"-Dcassandra.jmx.local.port={self.s.cassandra_jmx_port}",
             "-Dcassandra.skip_wait_for_gossip_to_settle=0",
             "-Dcassandra.ring_delay_ms=100",
             "-cp", f"{jars}/*", "org.apache.cassandra.service.CassandraDaemon",

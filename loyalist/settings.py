@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     kafka_partitions: int = 6
     cassandra_hosts: str = "127.0.0.1"
     cassandra_port: int = 9042
+    # Inter-node and JMX ports of the local Cassandra (a second, private node needs its own).
+    cassandra_storage_port: int = 7000
+    cassandra_jmx_port: int = 7199
     cassandra_replication_factor: int = 1
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
