@@ -1,0 +1,1 @@
+"""Pure journey logic: definitions, validation, the step function, templates, backtests, statistics."""
