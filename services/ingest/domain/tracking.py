@@ -147,7 +147,7 @@ def normalize_message(
     if not isinstance(raw, dict):
         raise MessageRejected("invalid_message", "a message must be a JSON object")
     kind = call_type or raw.get("type")
-    if kind not in EVENT_TYPES:
+    if not isinstance(kind, str) or kind not in EVENT_TYPES:
         raise MessageRejected(
             "invalid_type", f"type must be one of {', '.join(sorted(EVENT_TYPES))}, got {kind!r}"
         )
@@ -173,6 +173,12 @@ def normalize_message(
         doc["context"] = {**batch_context, **doc.get("context", {})}
     if batch_integrations:
         doc["integrations"] = {**batch_integrations, **doc.get("integrations", {})}
+
+    # RudderStack's SDKs send identify traits only as context.traits; Segment puts them top-level.
+    if kind == "identify":
+        context_traits = doc.get("context", {}).get("traits")
+        if isinstance(context_traits, dict) and context_traits:
+            doc["traits"] = {**context_traits, **doc.get("traits", {})}
 
     for field in ("event", "name"):
         value = raw.get(field)
