@@ -1,0 +1,351 @@
+"""The loyalty application service: load the ledger, decide, commit with a compare-and-set, publish.
+
+Every path that changes a ledger (the ``events.resolved`` agent, the redemption and adjustment API, the
+schedule) goes through ``LoyaltyService.handle``, so they all share one concurrency control and one
+outbox: committed lines are produced to ``events.raw`` as canonical track events with deterministic
+messageIds, and a line whose produce failed is produced again by the next command or the schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from cassandra import OperationTimedOut, Unavailable, WriteTimeout
+from cassandra.cluster import NoHostAvailable
+
+from loyalist.events import Event, decode_event, encode_event
+from loyalist.metrics import KAFKA_PRODUCED
+from loyalist.settings import Settings
+from loyalist.topics import EVENTS_RAW
+from services.profile.loyalty import metrics
+from services.profile.loyalty.domain import (
+    LOYALTY_SOURCE,
+    TIER_CHANGED,
+    Command,
+    Ledger,
+    LedgerEvent,
+    LoyaltyError,
+    Program,
+    Redeem,
+    Tick,
+    command_for,
+    decide,
+    effective_program,
+    expiring_summary,
+    fold,
+    next_review_at,
+)
+from services.profile.loyalty.domain.ledger import redemption_to_dict
+from services.profile.loyalty.settings import LoyaltySettings
+from services.profile.loyalty.store import LedgerLine, LedgerStore, ProgramStore
+
+log = logging.getLogger(__name__)
+
+_MESSAGE_NAMESPACE = uuid.UUID("6f1c2b0e-4c55-4a55-9a53-6c6f79616c74")
+_PUBLISH_RETRY = timedelta(seconds=30)
+_UNCERTAIN = (WriteTimeout, Unavailable, OperationTimedOut, NoHostAvailable)
+
+
+class Contended(Exception):
+    """The ledger kept changing under us for every attempt."""
+
+
+@dataclass
+class Outcome:
+    ledger: Ledger
+    program: Program | None
+    events: list[LedgerEvent] = field(default_factory=list)
+    lines: list[LedgerLine] = field(default_factory=list)
+    attempts: int = 1
+
+
+def message_id(profile_id: str, event_id: str) -> str:
+    """The deterministic messageId of a ledger event: producing it twice is a duplicate, never a new fact."""
+    return f"loyalty-{uuid.uuid5(_MESSAGE_NAMESPACE, f'{profile_id}|{event_id}')}"
+
+
+def track_properties(event: LedgerEvent, state: Ledger, program: Program | None) -> dict[str, Any]:
+    """The properties of the canonical track event (what the profile folds into ``loyalty``)."""
+    entry_tier = program.tiers[0].name if program is not None else None
+    props: dict[str, Any] = {
+        "points": event.points,
+        "balance_after": state.balance,
+        "lifetime_points": state.lifetime_points,
+        "tier": state.tier or entry_tier,
+        "expiring": expiring_summary(state),
+        "ledger_seq": state.seq,
+        "ledger_event_id": event.event_id,
+        "reason": event.reason,
+        "program_version": event.program_version,
+    }
+    if event.order is not None:
+        props["order_id"] = event.order.order_id
+    if event.new_lot is not None and event.new_lot.expires_at is not None:
+        props["expires_at"] = event.new_lot.expires_at.isoformat().replace("+00:00", "Z")
+    if event.kind == TIER_CHANGED:
+        props["tier_from"], props["tier_to"] = event.tier_from, event.tier_to
+    if event.redemption is not None:
+        reward = redemption_to_dict(event.redemption)
+        props["reward"] = {k: reward[k] for k in ("reward_id", "reward_name", "kind", "code", "value", "currency")}
+    if event.actor is not None:
+        props["actor"] = event.actor
+    if event.note is not None:
+        props["note"] = event.note
+    if event.unrecovered:
+        props["unrecovered_points"] = event.unrecovered
+    if event.details.get("action"):
+        props["action"] = event.details["action"]
+    return props
+
+
+def reward_code(secret: str, prefix: str, profile_id: str, idempotency_key: str) -> str:
+    """A unique, unguessable reward code; the same for a retried request (same idempotency key).
+
+    >>> reward_code("s", "LOY", "p1", "k1") == reward_code("s", "LOY", "p1", "k1")
+    True
+    >>> len(reward_code("s", "LOY", "p1", "k1"))
+    18
+    """
+    digest = hmac.new(secret.encode(), f"{profile_id}|{idempotency_key}".encode(), hashlib.sha256).digest()
+    body = base64.b32encode(digest).decode()[:12]
+    return f"{prefix}-{body[:4]}-{body[4:8]}-{body[8:]}"
+
+
+class LoyaltyService:
+    def __init__(
+        self,
+        settings: Settings,
+        loyalty_settings: LoyaltySettings,
+        store: LedgerStore,
+        programs: ProgramStore,
+        producer: AIOKafkaProducer | None,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.settings = settings
+        self.config = loyalty_settings
+        self.store = store
+        self.programs = programs
+        self.producer = producer
+        self.clock = clock
+        self.raw_topic = settings.topic(EVENTS_RAW.name)
+
+    async def program_at(self, at: datetime) -> Program | None:
+        return effective_program(await self.programs.versions(), at)
+
+    async def current_program(self) -> Program | None:
+        return await self.program_at(self.clock())
+
+    # ---- the one write path ---------------------------------------------------------------------
+    async def handle(self, profile_id: str, command: Command, now: datetime | None = None) -> Outcome:
+        """Decide ``command`` on the customer's ledger and commit it atomically, retrying on contention.
+
+        Raises ``LoyaltyError`` when the domain refuses the command and ``Contended`` after
+        ``max_attempts`` lost races.
+        """
+        name = type(command).__name__
+        started = time.perf_counter()
+        now = now or self.clock()
+        at = getattr(command, "at", now)
+        try:
+            for attempt in range(1, self.config.max_attempts + 1):
+                ledger, version = await self.store.load(profile_id)
+                program = await self.program_at(at)
+                events = decide(command, ledger, program, now)
+                if not events:
+                    if not await self.flush(profile_id, ledger.seq):
+                        await self.store.schedule(profile_id, now + _PUBLISH_RETRY)
+                    metrics.COMMANDS.labels(name, "unchanged").inc()
+                    return Outcome(ledger, program, attempts=attempt)
+                state, lines = ledger, []
+                for event in events:
+                    state = fold(state, event)
+                    lines.append(LedgerLine(state.seq, event, track_properties(event, state, program), state.balance))
+                try:
+                    applied = await self.store.commit(profile_id, version, state, lines, now)
+                except _UNCERTAIN:
+                    # The outcome is unknown; deciding again on a fresh read is safe because every
+                    # decision is idempotent (an applied write makes the retry a no-op).
+                    log.warning("uncertain ledger write for %s; re-reading", profile_id, exc_info=True)
+                    applied = False
+                if applied:
+                    await self._after_commit(profile_id, state, program, lines, now)
+                    metrics.COMMANDS.labels(name, "committed").inc()
+                    return Outcome(state, program, events, lines, attempt)
+                metrics.CAS_CONFLICTS.inc()
+                await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * attempt)))
+            metrics.COMMANDS.labels(name, "contended").inc()
+            raise Contended(f"the ledger of {profile_id} kept changing; retry later")
+        finally:
+            metrics.COMMAND_DURATION.labels(name).observe(time.perf_counter() - started)
+
+    async def _after_commit(self, profile_id: str, state: Ledger, program: Program | None,
+                            lines: list[LedgerLine], now: datetime) -> None:
+        for line in lines:
+            metrics.LEDGER_EVENTS.labels(line.event.kind, line.event.reason).inc()
+            metrics.POINTS.labels(line.event.kind).inc(abs(line.event.points))
+            if line.event.redemption is not None:
+                r = line.event.redemption
+                await self.store.put_code(r.code, profile_id, r.event_id, r.reward_id, r.points, r.at)
+        due = self.next_due(state, program)
+        if due is not None:
+            await self.store.schedule(profile_id, due)
+        published = await self._produce(profile_id, lines)
+        if published:
+            await self.store.mark_published(profile_id, lines[-1].seq)
+        else:
+            await self.store.schedule(profile_id, now + _PUBLISH_RETRY)  # the schedule publishes what is left
+
+    @staticmethod
+    def next_due(state: Ledger, program: Program | None) -> datetime | None:
+        candidates = [lot.expires_at for lot in state.lots if lot.expires_at is not None]
+        if program is not None and state.last_at is not None:
+            review = next_review_at(state, program, state.last_at)
+            if review is not None:
+                candidates.append(review)
+        return min(candidates) if candidates else None
+
+    # ---- the outbox --------------------------------------------------------------------------------
+    def track_event(self, profile_id: str, line: LedgerLine, received_at: datetime) -> Event:
+        return Event(
+            type="track", event=line.event.kind, message_id=message_id(profile_id, line.event.event_id),
+            timestamp=line.event.at, received_at=received_at, properties=line.properties,
+            context={"loyalist": {"profileId": profile_id}}, source=LOYALTY_SOURCE,
+        )
+
+    async def _produce(self, profile_id: str, lines: list[LedgerLine]) -> bool:
+        if self.producer is None or not lines:
+            return not lines
+        received_at = self.clock()
+        try:
+            futures = [
+                await self.producer.send(
+                    self.raw_topic, encode_event(self.track_event(profile_id, line, received_at)),
+                    key=profile_id.encode(),
+                )
+                for line in lines
+            ]
+            await asyncio.gather(*futures)
+        except Exception:
+            metrics.PUBLISH_ERRORS.inc(len(lines))
+            log.warning("producing %d ledger lines of %s failed; will retry", len(lines), profile_id, exc_info=True)
+            return False
+        KAFKA_PRODUCED.labels("profile", self.raw_topic).inc(len(lines))
+        return True
+
+    async def flush(self, profile_id: str, ledger_seq: int) -> bool:
+        """Produce committed lines that were never acknowledged by Kafka (after a crash or a Kafka outage).
+        False when some are still unpublished."""
+        if ledger_seq == 0:
+            return True
+        published = await self.store.published_seq(profile_id)
+        while published < ledger_seq:
+            lines = await self.store.lines_after(profile_id, published, 500)
+            if not lines:
+                return True
+            if not await self._produce(profile_id, lines):
+                return False
+            published = lines[-1].seq
+            await self.store.mark_published(profile_id, published)
+        return True
+
+    # ---- the stream path -----------------------------------------------------------------------------
+    async def handle_event(self, profile_id: str, event: Event) -> Outcome | None:
+        program = await self.program_at(event.timestamp)
+        command = command_for(event, program)
+        if command is None:
+            return None
+        return await self.handle(profile_id, command)
+
+    async def process_resolved(self, values: list[bytes]) -> int:
+        """A batch from ``events.resolved``: per customer in order, customers concurrently.
+        Transient failures are retried here until they succeed (the batch is acknowledged after)."""
+        per_profile: dict[str, list[Event]] = {}
+        for raw in values:
+            try:
+                message = orjson.loads(raw)
+                profile_id = message["profileId"]
+                if "event" not in message:
+                    metrics.STREAM_SKIPPED.labels("merge" if "merge" in message else "no_event").inc()
+                    continue
+                event = decode_event(message["event"])
+            except Exception:
+                metrics.STREAM_SKIPPED.labels("undecodable").inc()
+                log.warning("skipping an undecodable events.resolved message", exc_info=True)
+                continue
+            if event.source == LOYALTY_SOURCE:
+                metrics.STREAM_SKIPPED.labels("own_event").inc()
+                continue
+            per_profile.setdefault(str(profile_id), []).append(event)
+        limit = asyncio.Semaphore(self.config.concurrency)
+
+        async def one_profile(profile_id: str, events: list[Event]) -> int:
+            done = 0
+            async with limit:
+                for event in events:
+                    await self._until_done(profile_id, event)
+                    done += 1
+            return done
+
+        counts = await asyncio.gather(*(one_profile(p, evs) for p, evs in per_profile.items()))
+        return sum(counts)
+
+    async def _until_done(self, profile_id: str, event: Event) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.handle_event(profile_id, event)
+                return
+            except Contended:
+                log.warning("ledger of %s contended; retrying", profile_id)
+            except Exception as exc:
+                if isinstance(exc, LoyaltyError):  # a refused fact is final, not transient
+                    metrics.STREAM_SKIPPED.labels(exc.code).inc()
+                    return
+                log.exception("loyalty processing of %s failed; retrying in %.1fs", event.message_id, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    # ---- the schedule --------------------------------------------------------------------------------
+    async def run_due(self, now: datetime | None = None, *, limit: int = 500) -> int:
+        """Hold every expiry and tier review due by ``now`` (and publish leftovers). Returns accounts handled."""
+        now = now or self.clock()
+        handled = 0
+        limiter = asyncio.Semaphore(self.config.concurrency)
+
+        async def tick(shard: int, due_at: datetime, profile_id: str) -> None:
+            async with limiter:
+                try:
+                    await self.handle(profile_id, Tick(), now)
+                except Exception:
+                    log.exception("scheduled tick of %s failed; it stays due", profile_id)
+                    return
+                await self.store.unschedule(shard, due_at, profile_id)
+
+        for shard in range(self.store.due_shards):
+            while True:
+                rows = await self.store.due(shard, now, limit)
+                if not rows:
+                    break
+                await asyncio.gather(*(tick(shard, due_at, pid) for due_at, pid in rows))
+                handled += len(rows)
+                if len(rows) < limit:
+                    break
+        return handled
+
+    # ---- redemption helper ------------------------------------------------------------------------------
+    def redeem_command(self, profile_id: str, reward_id: str, idempotency_key: str) -> Redeem:
+        code = reward_code(self.settings.signing_secret, self.config.code_prefix, profile_id, idempotency_key)
+        return Redeem(reward_id, idempotency_key, code)

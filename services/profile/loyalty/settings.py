@@ -1,0 +1,35 @@
+"""Loyalty settings, read from ``LOYALIST_LOYALTY_*`` environment variables (beside the core Settings)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class LoyaltySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOYALIST_LOYALTY_", extra="ignore")
+
+    # How often the schedule (expiry, tier reviews, unpublished lines) runs, on the faust leader only.
+    schedule_interval_s: float = Field(default=300.0, gt=0)
+    # The clock: a fixed instant (tests, demos replaying history) or an offset from the real time.
+    now: datetime | None = None
+    clock_offset_s: float = 0.0
+    due_shards: int = Field(default=16, ge=1, le=1024)
+    # Attempts of one command under contention (each re-reads the ledger and decides again).
+    max_attempts: int = Field(default=200, ge=1)
+    batch_size: int = Field(default=200, ge=1)
+    concurrency: int = Field(default=32, ge=1)
+    code_prefix: str = Field(default="LOY", pattern=r"^[A-Z0-9]{1,8}$")
+
+
+class Clock:
+    """``now()`` for every decision: the real UTC time, or the configured instant/offset."""
+
+    def __init__(self, settings: LoyaltySettings) -> None:
+        self.fixed = settings.now.astimezone(UTC) if settings.now is not None else None
+        self.offset = timedelta(seconds=settings.clock_offset_s)
+
+    def __call__(self) -> datetime:
+        return self.fixed if self.fixed is not None else datetime.now(UTC) + self.offset
