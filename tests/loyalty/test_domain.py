@@ -281,7 +281,8 @@ def test_redemption_refusals() -> None:
 
 
 def test_idempotent_retries_change_nothing() -> None:
-    commands: list[tuple[Command, datetime]] = [order("o1", "300"), (RecordAction("r1", "Product Reviewed", "sku", T0), T0),
+    commands: list[tuple[Command, datetime]] = [
+                order("o1", "300"), (RecordAction("r1", "Product Reviewed", "sku", T0), T0),
                 (Redeem("off5", "k1", "C1"), T0), (Adjust(25, "goodwill", "agent", "a1"), T0),
                 (RefundOrder("rf", "o1", Decimal("30"), "USD", T0), T0)]
     once, _ = run(commands)
