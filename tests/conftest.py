@@ -187,8 +187,13 @@ def start_service(stack_settings: Settings) -> Iterator[Callable[..., ServicePro
     settings = stack_settings.model_copy(update={f"{svc}_port": free_port() for svc in SERVICE_NAMES})
 
     def start(name: str, **extra_env: str) -> ServiceProcess:
-        env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1", **extra_env}
-        svc = ServiceProcess(name, settings, env, log_dir / f"{name}-{len(started)}.log")
+        own = settings
+        # A second live instance of the same service (a replica, or one pointed elsewhere) gets its own
+        # port; the others keep reaching the first one.
+        if any(s.name == name and s.proc is not None and s.proc.poll() is None for s in started):
+            own = settings.model_copy(update={f"{name}_port": free_port()})
+        env = {**os.environ, **settings_env(own), "PYTHONUNBUFFERED": "1", **extra_env}
+        svc = ServiceProcess(name, own, env, log_dir / f"{name}-{len(started)}.log")
         started.append(svc)
         return svc.start()
 
