@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := .loyalist/stamps
 export LOYALIST_HOME ?= $(CURDIR)/.loyalist
 
-.PHONY: help deps up down status test test-unit lint demo bench chaos clean
+.PHONY: help deps up down status test test-unit lint lint-helm demo bench chaos clean
 
 help:
 	@echo "make up      start Kafka, Cassandra, Redis, Prometheus, SMTP sink and the five services"
@@ -56,6 +56,16 @@ lint: deps
 	$(VENV)/bin/mypy loyalist services
 	$(VENV)/bin/lint-imports
 	$(PY) -m loyalist.checks.compose docker-compose.yml
+	$(MAKE) --no-print-directory lint-helm
+
+# Helm from the Go module proxy (a cold build takes ~3 minutes; skipped once the binary exists).
+HELM := $(shell go env GOPATH 2>/dev/null || echo $(HOME)/go)/bin/helm
+$(HELM):
+	go install helm.sh/helm/v3/cmd/helm@v3.19.0
+
+# helm lint --strict + helm template (default and ci/*-values.yaml) + offline Kubernetes schema validation.
+lint-helm: deps $(HELM)
+	$(PY) -m loyalist.checks.helm --helm $(HELM)
 
 test-unit: deps
 	$(PY) -m pytest -m "not integration" -q
