@@ -16,6 +16,7 @@ help:
 	@echo "make demo    bring the stack up and run the end-to-end demo"
 	@echo "make test    lint + unit + integration tests against the real local stack"
 	@echo "make bench   benchmarks (figures next to raw baselines)"
+	@echo "make chaos   kill every process in turn under load; verify nothing lost or duplicated"
 	@echo "make lint    ruff, mypy, import contracts, compose/helm/prometheus checks"
 
 # ---- installs ------------------------------------------------------------------------------------
@@ -79,6 +80,10 @@ demo: up
 
 bench: up
 	$(PY) -m bench
+
+# Kill -9 each service, then Kafka, Cassandra and Redis of a private stack, under load (make test runs a short form).
+chaos: deps
+	LOYALIST_CHAOS=full $(PY) -m pytest tests/chaos -q -s -m integration
 
 clean: down
 	rm -rf .loyalist

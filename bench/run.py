@@ -147,7 +147,7 @@ async def create_bench_segment(client: httpx.AsyncClient) -> str:
     """A rule segment every bench customer enters with their first order."""
     resp = await client.post("/v1/segments", json={
         "name": "bench buyers", "description": "customers with an order (bench)",
-        "rule": {"event": "Order Completed", "at_least": 1, "within_days": 30},
+        "rule": {"field": "orders_count", "op": "gte", "value": 1},
     })
     if resp.status_code >= 300:
         raise RuntimeError(f"POST /v1/segments → {resp.status_code} {resp.text[:300]}")
@@ -157,9 +157,11 @@ async def create_bench_segment(client: httpx.AsyncClient) -> str:
 async def create_bench_journey(client: httpx.AsyncClient) -> str:
     """A journey that requests a message as soon as a checkout starts (no delay node)."""
     resp = await client.post("/v1/journeys", json={
-        "name": "bench trigger", "entry": {"type": "event", "event": "Checkout Started"},
-        "reentry": {"policy": "always"},
-        "nodes": [{"id": "send", "type": "send", "channel": "email", "template_id": "bench", "next": "end"},
+        "name": "bench trigger", "description": "a message request as soon as a checkout starts (bench)",
+        "entry": {"type": "event", "event": "Checkout Started", "key": "checkout_id"},
+        "reentry": {"policy": "always"}, "start": "send",
+        "nodes": [{"id": "send", "type": "send", "channel": "email", "template": "abandoned_checkout",
+                   "data": {"checkout_id": "$entry.properties.checkout_id"}, "next": "end"},
                   {"id": "end", "type": "exit"}],
     })
     if resp.status_code >= 300:

@@ -1,0 +1,409 @@
+"""Fault injection under steady load, verified from the outside.
+
+A ``ChaosRun`` drives a steady stream of events through ingest's public ``/v1/batch`` — resending a batch
+with the *same* message ids until it is acknowledged, as a real SDK does — while it kill -9s and restarts,
+in turn, each service process and (on a private stack) Kafka, Cassandra and Redis. Afterwards it checks,
+without looking inside any service:
+
+- the log: every event acknowledged with a 200 is in ``events.raw`` (lost = acknowledged minus logged);
+- the event store: every acknowledged event is in the customer's timeline exactly once (profile API);
+- the profiles: each customer's ``orders_count`` and ``revenue_total`` equal what was acknowledged for them
+  (an effect applied twice or never shows up here), and equal the profile rebuilt from the event store
+  (``?as_of=``), when the profile service offers it;
+- the messages: no idempotency key delivered twice in notify's log, none requested and never handled.
+
+Infrastructure faults never touch the shared servers: ``private_stack`` starts a second Kafka, Cassandra and
+Redis on free ports with their own home directory (Cassandra's storage and JMX ports included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import secrets
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from bench.procs import Fleet, free_port
+from bench.stream import group_progress
+from loyalist.devstack import Stack
+from loyalist.settings import Settings
+
+JSON = dict[str, Any]
+INFRA_FAULTS = ("kafka", "cassandra", "redis")
+
+
+@contextlib.contextmanager
+def private_stack(base: Settings | None = None) -> Iterator[tuple[Settings, Stack]]:
+    """Kafka, Cassandra and Redis of our own, on free ports, in a temporary home (jars shared read-only)."""
+    base = base or Settings()
+    home = Path(tempfile.mkdtemp(prefix="loyalist-chaos-"))
+    shared_jars = base.state_dir / "jars"
+    if shared_jars.exists():
+        (home / "jars").symlink_to(shared_jars, target_is_directory=True)
+    settings = base.model_copy(update={
+        "home": home, "kafka_port": free_port(), "kafka_controller_port": free_port(),
+        "cassandra_port": free_port(), "cassandra_storage_port": free_port(), "cassandra_jmx_port": free_port(),
+        "redis_port": free_port(),
+    })
+    stack = Stack(settings, quiet=True)
+    try:
+        stack.up(list(INFRA_FAULTS))
+        yield settings, stack
+    finally:
+        stack.down(list(INFRA_FAULTS))
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@dataclass
+class Fault:
+    target: str
+    downtime_s: float = 0.0  # kill until the process answers its readiness check again
+    recovery_s: float | None = None  # kill until ingest acknowledges again (the customer-visible outage)
+    acked_during: int = 0
+    note: str = ""
+
+
+@dataclass
+class Report:
+    acknowledged: int = 0
+    acknowledged_orders: int = 0
+    in_log: int = 0
+    lost_from_log: int = 0
+    log_duplicates: int = 0
+    stored: int | None = None
+    stored_duplicates: int | None = None
+    lost_from_store: int | None = None
+    profiles_checked: int = 0
+    profile_mismatches: list[str] = field(default_factory=list)
+    replay_mismatches: list[str] = field(default_factory=list)
+    messages_requested: int | None = None
+    messages_duplicated: int | None = None
+    messages_unhandled: int | None = None
+    faults: list[Fault] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    resends: int = 0
+
+    @property
+    def lost(self) -> int:
+        return self.lost_from_log + (self.lost_from_store or 0)
+
+    @property
+    def duplicates(self) -> int:
+        return (self.stored_duplicates or 0) + (self.messages_duplicated or 0)
+
+    def render(self) -> str:
+        lines = [
+            f"acknowledged events     {self.acknowledged} ({self.acknowledged_orders} orders, {self.resends} resends)",
+            f"in events.raw           {self.in_log} distinct  (lost {self.lost_from_log}, "
+            f"duplicate records {self.log_duplicates}: resends deduplicated downstream)",
+            f"in the event store      {_n(self.stored)}  (lost {_n(self.lost_from_store)}, "
+            f"duplicates {_n(self.stored_duplicates)})",
+            f"profiles checked        {self.profiles_checked}  (wrong counts {len(self.profile_mismatches)}, "
+            f"differ from replay {len(self.replay_mismatches)})",
+            f"messages requested      {_n(self.messages_requested)}  (sent twice {_n(self.messages_duplicated)}, "
+            f"never handled {_n(self.messages_unhandled)})",
+            "",
+            f"{'fault':<12}{'down (s)':>10}{'recovery (s)':>14}{'acked while recovering':>24}  note",
+        ]
+        for f in self.faults:
+            rec = f"{f.recovery_s:.1f}" if f.recovery_s is not None else "—"
+            lines.append(f"{f.target:<12}{f.downtime_s:>10.1f}{rec:>14}{f.acked_during:>24}  {f.note}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        lines.append(f"\nLOST {self.lost}   DUPLICATED {self.duplicates}")
+        return "\n".join(lines)
+
+
+def _n(v: int | None) -> str:
+    return "not checked" if v is None else str(v)
+
+
+class SteadyLoad:
+    """Batches of events at a steady rate; a batch is resent unchanged until a 200 acknowledges it."""
+
+    def __init__(self, url: str, write_key: str, *, rate: float = 200, batch: int = 20, users: int = 60,
+                 prefix: str | None = None) -> None:
+        self.url = url
+        self.auth = "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()
+        self.rate = rate
+        self.batch = batch
+        self.users = users
+        self.prefix = prefix or f"chaos{secrets.token_hex(3)}"
+        self.acked: dict[str, JSON] = {}
+        self.resends = 0
+        self.last_ack = 0.0
+        self._stop = asyncio.Event()
+        self._n = 0
+
+    def user(self, i: int) -> str:
+        return f"{self.prefix}-u{i % self.users}"
+
+    def make_batch(self) -> list[JSON]:
+        events = []
+        for _ in range(self.batch):
+            i = self._n
+            self._n += 1
+            uid = self.user(i)
+            mid = f"{self.prefix}-{i}"
+            if i % 3 == 0:
+                events.append({"type": "track", "event": "Order Completed", "userId": uid, "messageId": mid,
+                               "properties": {"order_id": mid, "total": float(10 + i % 7), "revenue": float(10 + i % 7),
+                                              "currency": "USD"}})
+            else:
+                events.append({"type": "track", "event": "Product Viewed", "userId": uid, "messageId": mid,
+                               "properties": {"product_id": f"p{i % 11}", "price": 5.0}})
+        return events
+
+    async def run(self) -> None:
+        interval = self.batch / self.rate
+        async with httpx.AsyncClient(timeout=15, headers={"Authorization": self.auth}) as client:
+            next_at = time.monotonic()
+            while not self._stop.is_set():
+                events = self.make_batch()
+                await self._deliver(client, events)
+                next_at += interval
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), delay)
+                else:
+                    next_at = time.monotonic()  # behind after an outage: continue at the rate, no burst
+
+    async def _deliver(self, client: httpx.AsyncClient, events: list[JSON]) -> None:
+        backoff = 0.2
+        first = True
+        while True:
+            if not first:
+                self.resends += 1
+            first = False
+            try:
+                resp = await client.post(f"{self.url}/v1/batch", json={"batch": events})
+                if resp.status_code == 200:
+                    for e in events:
+                        self.acked[e["messageId"]] = e
+                    self.last_ack = time.monotonic()
+                    return
+            except httpx.HTTPError:
+                pass
+            if self._stop.is_set() and backoff > 5:
+                return  # shutting down: an unacknowledged batch is simply not acknowledged
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0) if not self._stop.is_set() else backoff * 2
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def read_log(settings: Settings, topic: str = "events.raw", key: str = "messageId") -> Counter[str]:
+    """``key`` field of each record → number of records in the topic, from the beginning to the current end."""
+    name = settings.topic(topic)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, client_id="chaos-verify",
+                                enable_auto_commit=False, isolation_level="read_committed")
+    await consumer.start()
+    counts: Counter[str] = Counter()
+    try:
+        await consumer._client.force_metadata_update()
+        tps = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or ())]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        remaining = {tp for tp in tps if ends[tp] > 0}
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=1000, max_records=10_000)
+            for tp, records in batch.items():
+                for rec in records:
+                    with contextlib.suppress(Exception):
+                        counts[str(orjson.loads(rec.value).get(key))] += 1
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+    finally:
+        await consumer.stop()
+    return counts
+
+
+async def wait_drained(settings: Settings, timeout_s: float) -> bool:
+    """True once every consumer group of the namespace has committed up to the end of its topics."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        progress = await group_progress(settings)
+        if all(done >= end for done, end in progress.values()):  # no group at all: nothing to wait for
+            return True
+        await asyncio.sleep(1)
+    return False
+
+
+class ChaosRun:
+    def __init__(self, fleet: Fleet, *, stack: Stack | None = None, rate: float = 200,
+                 gap_s: float = 5, settle_s: float = 60) -> None:
+        self.fleet = fleet
+        self.stack = stack
+        self.rate = rate
+        self.gap_s = gap_s
+        self.settle_s = settle_s
+        self.report = Report()
+
+    async def _fault(self, load: SteadyLoad, target: str) -> Fault:
+        fault = Fault(target)
+        acked_before = len(load.acked)
+        killed = time.monotonic()
+        if target in INFRA_FAULTS:
+            assert self.stack is not None, "infrastructure faults need a private stack"
+            await asyncio.to_thread(self.stack.kill9, target)
+            await asyncio.to_thread(self.stack.start, target)
+            await asyncio.to_thread(self.stack.wait_ready, target)
+        else:
+            svc = self.fleet.services[target]
+            await asyncio.to_thread(svc.restart)
+        fault.downtime_s = time.monotonic() - killed
+        # recovered when ingest acknowledges a batch sent after the kill
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if load.last_ack > killed:
+                break
+            await asyncio.sleep(0.1)
+        fault.recovery_s = load.last_ack - killed if load.last_ack > killed else None
+        if fault.recovery_s is None:
+            fault.note = "ingest did not acknowledge again within 120 s"
+        fault.acked_during = len(load.acked) - acked_before
+        return fault
+
+    async def run(self, targets: list[str]) -> Report:
+        ingest = self.fleet.url("ingest")
+        assert ingest is not None, "the chaos suite drives load through ingest"
+        load = SteadyLoad(ingest, self.fleet.settings.dev_write_key, rate=self.rate)
+        runner = asyncio.create_task(load.run())
+        try:
+            await asyncio.sleep(self.gap_s)
+            for target in targets:
+                if target not in INFRA_FAULTS and target not in self.fleet.services:
+                    self.report.notes.append(f"{target}: not running, not faulted")
+                    continue
+                self.report.faults.append(await self._fault(load, target))
+                await asyncio.sleep(self.gap_s)
+        finally:
+            load.stop()
+            await asyncio.wait_for(runner, 120)
+        self.report.resends = load.resends
+        if not await wait_drained(self.fleet.settings, self.settle_s):
+            self.report.notes.append(f"consumer groups still behind {self.settle_s:.0f}s after the load stopped")
+        await self.verify(load)
+        return self.report
+
+    # ---- verification from the outside ---------------------------------------------------------------------
+    async def verify(self, load: SteadyLoad) -> None:
+        r = self.report
+        r.acknowledged = len(load.acked)
+        r.acknowledged_orders = sum(1 for e in load.acked.values() if e["event"] == "Order Completed")
+        logged = await read_log(self.fleet.settings)
+        ours = {m: c for m, c in logged.items() if m.startswith(load.prefix + "-")}
+        r.in_log = len(ours)
+        r.lost_from_log = sum(1 for m in load.acked if m not in ours)
+        r.log_duplicates = sum(c - 1 for c in ours.values() if c > 1)
+        profile = self.fleet.url("profile")
+        if profile is None:
+            r.notes.append("profile service not running: event store and profiles not checked")
+        else:
+            await self.verify_profiles(load, profile)
+        notify = self.fleet.url("notify")
+        if notify is not None and self.fleet.url("journeys") is not None:
+            await self.verify_messages(load, notify)
+
+    async def verify_profiles(self, load: SteadyLoad, url: str) -> None:
+        r = self.report
+        per_user: dict[str, list[JSON]] = defaultdict(list)
+        for e in load.acked.values():
+            per_user[e["userId"]].append(e)
+        headers = {"Authorization": f"Bearer {self.fleet.settings.dev_api_token}"}
+        stored = 0
+        dups = 0
+        lost = 0
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
+            for uid, events in sorted(per_user.items()):
+                ids = await self.timeline_ids(client, uid)
+                if ids is None:
+                    r.notes.append("the profile API has no readable /v1/profiles/{id}/events: event store not checked")
+                    stored = -1
+                    break
+                counts = Counter(i for i in ids if i.startswith(load.prefix + "-"))
+                stored += len(counts)
+                dups += sum(c - 1 for c in counts.values() if c > 1)
+                lost += sum(1 for e in events if e["messageId"] not in counts)
+            if stored >= 0:
+                r.stored, r.stored_duplicates, r.lost_from_store = stored, dups, lost
+            for uid, events in sorted(per_user.items()):
+                resp = await client.get(f"/v1/profiles/{uid}")
+                r.profiles_checked += 1
+                if resp.status_code != 200:
+                    r.profile_mismatches.append(f"{uid}: GET → {resp.status_code}")
+                    continue
+                doc = resp.json()
+                orders = [e for e in events if e["event"] == "Order Completed"]
+                want_revenue = round(sum(e["properties"]["total"] for e in orders), 2)
+                got_revenue = round(float(doc.get("revenue_total") or 0), 2)
+                if doc.get("orders_count") != len(orders) or abs(got_revenue - want_revenue) > 0.005:
+                    r.profile_mismatches.append(f"{uid}: orders {doc.get('orders_count')} revenue {got_revenue}, "
+                                                f"acknowledged {len(orders)} / {want_revenue}")
+                replay = await client.get(f"/v1/profiles/{uid}", params={"as_of": "2100-01-01T00:00:00Z"})
+                if replay.status_code == 200:
+                    rebuilt = replay.json()
+                    for key in ("orders_count", "revenue_total", "first_order_at", "last_order_at", "rfm"):
+                        if rebuilt.get(key) != doc.get(key):
+                            r.replay_mismatches.append(
+                                f"{uid}.{key}: live {doc.get(key)!r} replay {rebuilt.get(key)!r}")
+                elif not any("as_of" in n for n in r.notes):
+                    r.notes.append(f"?as_of= replay not available ({replay.status_code}): replay equality not checked")
+
+    @staticmethod
+    async def timeline_ids(client: httpx.AsyncClient, uid: str) -> list[str] | None:
+        """Every messageId in a customer's stored timeline, following the API's paging."""
+        ids: list[str] = []
+        params: dict[str, Any] = {"limit": 500}
+        for _ in range(200):
+            resp = await client.get(f"/v1/profiles/{uid}/events", params=params)
+            if resp.status_code != 200:
+                return None
+            body = resp.json()
+            items = body.get("events") if isinstance(body, dict) else body
+            if not isinstance(items, list):
+                return None
+            ids.extend(str(e.get("messageId") or e.get("message_id")) for e in items)
+            cursor = body.get("next_cursor") or body.get("next") if isinstance(body, dict) else None
+            if not cursor or not items:
+                return ids
+            params = {"limit": 500, "cursor": cursor}
+        return ids
+
+    async def verify_messages(self, load: SteadyLoad, url: str) -> None:
+        r = self.report
+        requested = await read_log(self.fleet.settings, "message.requests", "idempotencyKey")
+        r.messages_requested = len(requested)
+        headers = {"Authorization": f"Bearer {self.fleet.settings.dev_api_token}"}
+        delivered: Counter[str] = Counter()
+        handled: set[str] = set()
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
+            for i in range(load.users):
+                resp = await client.get("/v1/messages", params={"user_id": load.user(i), "limit": 500})
+                if resp.status_code != 200:
+                    r.notes.append(f"notify GET /v1/messages → {resp.status_code}: messages not checked")
+                    r.messages_requested = None
+                    return
+                body = resp.json()
+                for m in body.get("messages", body) if isinstance(body, dict) else body:
+                    key = str(m.get("idempotency_key") or m.get("idempotencyKey"))
+                    handled.add(key)
+                    if m.get("status") in ("sent", "delivered"):
+                        delivered[key] += 1
+        r.messages_duplicated = sum(c - 1 for c in delivered.values() if c > 1)
+        # the namespace is private: every request on the topic is ours
+        r.messages_unhandled = sum(1 for k in requested if k not in handled)
