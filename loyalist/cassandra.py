@@ -63,7 +63,7 @@ async def execute(session: Session, statement: Any, params: Sequence[Any] | dict
     rows: list[Any] = []
 
     def on_page(page: list[Any]) -> None:
-        rows.extend(page)
+        rows.extend(page or ())
         if rf.has_more_pages:
             rf.start_fetching_next_page()
         else:

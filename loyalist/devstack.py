@@ -107,7 +107,7 @@ class Stack:
         """Runtime jars for a Maven-pinned server, copied once into .loyalist/jars (cached by pom hash)."""
         pom = LOCAL / "maven" / component / "pom.xml"
         digest = hashlib.sha256(pom.read_bytes()).hexdigest()[:16]
-        target = self.home / "jars" / component
+        target = (self.s.jars_dir or self.home / "jars") / component
         marker = target / f".pom-{digest}"
         if marker.exists():
             return target

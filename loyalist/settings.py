@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     namespace: str = "loyalist"
     env: str = "development"
     home: Path = Path(".loyalist")
+    # Where the Maven-fetched server jars are copied (default: <home>/jars); private fault-test stacks
+    # point it at the main stack's copy.
+    jars_dir: Path | None = None
     log_level: str = "INFO"
     log_json: bool = False
 
