@@ -1,0 +1,195 @@
+"""The stream side of notify: a consumer of ``message.requests`` that commits offsets only after every
+request of a batch reached a recorded outcome, and the scheduler that wakes deferred sends and retries.
+
+Why a plain aiokafka consumer and not a faust agent: notify needs to control exactly when offsets are committed
+(after the delivery log says so), to run different customers concurrently while keeping one customer's
+requests in order (frequency caps), and static group membership so a crashed process gets its partitions back
+at once on restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from loyalist.kafka import make_consumer
+from loyalist.metrics import STREAM_DURATION, STREAM_PROCESSED
+from loyalist.settings import Settings
+from loyalist.topics import MESSAGE_DLQ, MESSAGE_REQUESTS
+from services.notify.config import NotifyConfig
+from services.notify.delivery import Notifier
+from services.notify.domain.messages import InvalidRequest, MessageRequest
+from services.notify.metrics import DLQ_SIZE, SCHEDULED, SKIPPED
+
+log = logging.getLogger(__name__)
+
+
+class RequestConsumer:
+    def __init__(self, settings: Settings, config: NotifyConfig, notifier: Notifier, *, instance_id: str) -> None:
+        self.settings = settings
+        self.config = config
+        self.notifier = notifier
+        self.topic = settings.topic(MESSAGE_REQUESTS.name)
+        self.consumer: AIOKafkaConsumer = make_consumer(
+            settings, self.topic, group_id=f"{settings.namespace}-notify", client_id=f"notify-{instance_id}",
+            group_instance_id=instance_id, session_timeout_ms=config.session_timeout_ms,
+            heartbeat_interval_ms=max(1000, config.session_timeout_ms // 4), max_poll_records=config.batch_size,
+        )
+        self._limit = asyncio.Semaphore(config.concurrency)
+        self._task: asyncio.Task[None] | None = None
+        self.processed = 0
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        self._task = asyncio.create_task(self._run(), name="notify-consumer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.consumer.stop()
+
+    async def _run(self) -> None:
+        while True:
+            batches = await self.consumer.getmany(timeout_ms=500, max_records=self.config.batch_size)
+            if not batches:
+                continue
+            try:
+                await self._process(batches)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Nothing of this batch is committed: rewind and retry it (every step is idempotent).
+                log.exception("processing a batch of message requests failed; retrying it")
+                for tp, records in batches.items():
+                    self.consumer.seek(tp, records[0].offset)
+                await asyncio.sleep(1.0)
+                continue
+            await self.consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+
+    async def _process(self, batches: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+        # One customer's requests in order (caps see the previous send); different customers concurrently.
+        per_customer: dict[bytes, list[ConsumerRecord[Any, Any]]] = defaultdict(list)
+        for records in batches.values():
+            for record in records:
+                per_customer[record.key or b""].append(record)
+        results = await asyncio.gather(*(self._customer(records) for records in per_customer.values()),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+    async def _customer(self, records: list[ConsumerRecord[Any, Any]]) -> None:
+        async with self._limit:
+            for record in records:
+                with _timer():
+                    outcome = await self.handle_raw(record.value)
+                STREAM_PROCESSED.labels("notify", "message_requests", outcome.split(":")[0]).inc()
+                self.processed += 1
+
+    async def handle_raw(self, value: bytes) -> str:
+        doc: Any = None
+        try:
+            doc = orjson.loads(value)
+            req = MessageRequest.from_wire(doc)
+        except (orjson.JSONDecodeError, InvalidRequest) as exc:
+            doc_out = doc if isinstance(doc, dict) else {"raw": value.decode(errors="replace")}
+            key = str(doc_out.get("profileId") or doc_out.get("idempotencyKey") or "invalid")
+            await self.notifier.feedback.dead_letter(doc_out, key=key, reason="invalid_request", detail=str(exc),
+                                                     attempts=0)
+            SKIPPED.labels(str(doc_out.get("channel", "unknown")), "invalid_request").inc()
+            return "invalid"
+        return await self.notifier.handle(req)
+
+    async def refresh_dlq_size(self) -> None:
+        """DLQ size = end offset minus start offset, summed over the DLQ topic's partitions."""
+        topic = self.settings.topic(MESSAGE_DLQ.name)
+        partitions = self.consumer.partitions_for_topic(topic)
+        if partitions is None:
+            await self.consumer._client.force_metadata_update()
+            partitions = self.consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in partitions]
+        if not tps:
+            return
+        ends = await self.consumer.end_offsets(tps)
+        starts = await self.consumer.beginning_offsets(tps)
+        DLQ_SIZE.set(sum(ends[tp] - starts[tp] for tp in tps))
+
+
+class _timer:
+    def __enter__(self) -> None:
+        import time
+
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        import time
+
+        STREAM_DURATION.labels("notify", "message_requests").observe(time.perf_counter() - self.started)
+
+
+class Scheduler:
+    """Polls the schedule for deferred sends and retries that are due and runs them through the notifier."""
+
+    def __init__(self, config: NotifyConfig, notifier: Notifier, clock: Callable[[], datetime],
+                 on_tick: Callable[[], Any] | None = None) -> None:
+        self.config = config
+        self.notifier = notifier
+        self.clock = clock
+        self.on_tick = on_tick
+        self._task: asyncio.Task[None] | None = None
+        self._ticks = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="notify-scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scheduler tick failed")
+            await asyncio.sleep(self.config.schedule_poll_s)
+
+    async def tick(self) -> int:
+        store = self.notifier.store
+        due = await store.due(self.clock())
+        for due_at, key in due:
+            row = await store.get(key)
+            if row is not None and row.request:
+                try:
+                    req = MessageRequest.from_wire(row.request)
+                except InvalidRequest:
+                    req = None
+                if req is not None:
+                    await self.notifier.handle(req, from_schedule=True)
+            await store.unschedule(due_at, key)
+        self._ticks += 1
+        if self._ticks % 10 == 1:
+            SCHEDULED.set(await store.scheduled_count())
+            if self.on_tick is not None:
+                try:
+                    await self.on_tick()
+                except Exception:
+                    log.debug("scheduler side task failed", exc_info=True)
+        return len(due)
