@@ -1,0 +1,585 @@
+"""The profile pipeline, in two stages connected by the internal ``profile.fold`` topic.
+
+1. :class:`Resolver` reads ``events.raw`` (keyed by userId/anonymousId), resolves each event's identifiers
+   against the identity graph (new identifiers are claimed with lightweight transactions, so two workers
+   never give one identifier to two profiles) and sends ``event`` and ``merge_out`` operations keyed by
+   the *profile id*.
+2. :class:`Folder` reads ``profile.fold``: every profile is owned by exactly one worker at a time (its
+   partition), so its state can be cached and written without races. It stores events, folds them,
+   emits ``events.resolved`` and ``profile.changed``, updates Redis and writes the snapshot.
+
+A merge travels as ``merge_out`` to the merged profile's owner (which marks it merged and forwards
+anything later sent to it) and then ``absorb`` to the survivor's owner (which moves the events and
+identities over and refolds). Both steps are idempotent, so a crash anywhere is repaired by redelivery.
+
+The replay CLI wires the two stages directly (no internal topic) with the same classes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from loyalist.events import Event, decode_event, encode_event
+from loyalist.settings import Settings
+from loyalist.topics import EVENTS_RESOLVED, PROFILE_CHANGED, Topic
+from services.profile import metrics
+from services.profile.domain.identity import (
+    Identifier,
+    direct_profile_id,
+    identifiers_of,
+    merge_reason,
+    plan_resolution,
+    subject_hash,
+)
+from services.profile.domain.profile import (
+    ProfileState,
+    changed_fields,
+    event_key,
+    fold,
+    fold_all,
+    iso,
+    new_state,
+    render,
+    to_ms,
+)
+from services.profile.store import HotProfiles, ProfileStore, StoredEvent, gather_limited
+
+log = logging.getLogger(__name__)
+
+# The internal hand-over between the two stages, keyed by profile id.
+PROFILE_FOLD = Topic(
+    "profile.fold",
+    "Internal to the profile service: resolved events and merge/erase/segment operations by profile id.",
+    key="profile id",
+)
+
+Clock = Callable[[], datetime]
+Op = dict[str, Any]
+Dispatch = Callable[[list[tuple[str, bytes]]], Awaitable[None]]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Emitter:
+    """Sends to Kafka and awaits every acknowledgement in :meth:`flush` (or does nothing, for replays)."""
+
+    def __init__(self, producer: Any | None, settings: Settings) -> None:
+        self.producer = producer
+        self.settings = settings
+        self._pending: list[asyncio.Future[Any]] = []
+
+    async def send(self, topic: Topic, key: str, value: bytes) -> None:
+        if self.producer is None:
+            return
+        self._pending.append(await self.producer.send(self.settings.topic(topic.name), value, key=key.encode()))
+        metrics.EMITTED.labels(topic.name).inc()
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)
+
+
+class Tombstones:
+    """Erased subjects (hashed identifiers and profile ids) with their erasure time, refreshed from
+    Cassandra so every worker honours an erasure made through any of them."""
+
+    def __init__(self, store: ProfileStore) -> None:
+        self.store = store
+        self.erased: dict[str, int] = {}
+
+    async def refresh(self) -> None:
+        self.erased = await self.store.tombstones()
+
+    def add(self, subjects: Sequence[str], erased_ms: int) -> None:
+        for s in subjects:
+            self.erased[s] = max(erased_ms, self.erased.get(s, 0))
+
+    def erased_before(self, kind: str, value: str, received_ms: int) -> bool:
+        if not self.erased:
+            return False
+        at = self.erased.get(subject_hash(kind, value))
+        return at is not None and received_ms <= at
+
+
+class LRU(OrderedDict[Any, Any]):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key: Any, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
+def fold_message(op: str, profile_id: str, **fields: Any) -> tuple[str, bytes]:
+    return profile_id, orjson.dumps({"op": op, "profileId": profile_id, **fields})
+
+
+# ---------------------------------------------------------------------------------------------------------
+class Resolver:
+    def __init__(self, store: ProfileStore, hot: HotProfiles | None, tombstones: Tombstones, dispatch: Dispatch,
+                 *, clock: Clock = utc_now, cache_size: int = 500_000) -> None:
+        self.store = store
+        self.hot = hot
+        self.tombstones = tombstones
+        self.dispatch = dispatch
+        self.clock = clock
+        self.cache: LRU = LRU(cache_size)
+
+    async def resolve_batch(self, raws: Sequence[bytes]) -> None:
+        parsed: list[tuple[Event, bytes, list[Identifier]]] = []
+        for raw in raws:
+            try:
+                event = decode_event(raw)
+            except (ValidationError, ValueError):
+                metrics.PROCESSED.labels("resolve", "invalid").inc()
+                log.warning("skipping an undecodable event on events.raw")
+                continue
+            received_ms = to_ms(event.received_at)
+            direct = direct_profile_id(event)
+            ids = [] if direct else identifiers_of(event)
+            if direct and self.tombstones.erased_before("profile_id", direct, received_ms):
+                metrics.PROCESSED.labels("resolve", "erased").inc()
+                continue
+            if any(self.tombstones.erased_before(i.kind, i.value, received_ms) for i in ids):
+                metrics.PROCESSED.labels("resolve", "erased").inc()
+                continue
+            if not direct and not ids:
+                metrics.PROCESSED.labels("resolve", "unidentified").inc()
+                continue
+            parsed.append((event, raw, ids))
+        if not parsed:
+            return
+        # A tombstoned identifier seen again (after its erasure) is looked up afresh: the cache may still
+        # point at the erased profile.
+        misses = {i for _, _, ids in parsed for i in ids
+                  if i not in self.cache or (self.tombstones.erased
+                                             and subject_hash(i.kind, i.value) in self.tombstones.erased)}
+        known: dict[Identifier, str] = {i: self.cache[i] for _, _, ids in parsed for i in ids
+                                        if i in self.cache and i not in misses}
+        if misses:
+            known.update(await self.store.lookup_identities(misses))
+        # Claims race with other workers: a lost claim adds what the winner wrote and the batch is planned
+        # again, until every claim holds.
+        for _attempt in range(10):
+            out, claims, relinks = self._plan(parsed, known)
+            now = self.clock()
+            owners = await gather_limited(self.store.claim_identity(i, pid, now) for i, pid in claims.items())
+            lost = {i: owner for (i, pid), owner in zip(claims.items(), owners, strict=True) if owner != pid}
+            if not lost:
+                break
+            known.update(lost)
+            metrics.CLAIM_CONFLICTS.inc(len(lost))
+        else:  # pragma: no cover - would need ten concurrent conflicting claimers in a row
+            raise RuntimeError("identity claims did not settle")
+        if relinks:
+            by_target: dict[str, list[Identifier]] = {}
+            for ident, pid in relinks.items():
+                by_target.setdefault(pid, []).append(ident)
+            await gather_limited(self.store.link_identities(ids, pid, now) for pid, ids in by_target.items())
+        await self.dispatch(out)
+        if self.hot is not None:
+            await self.hot.write({}, {(i.kind, i.value): pid for i, pid in {**claims, **relinks}.items()})
+        metrics.PROCESSED.labels("resolve", "ok").inc(len(parsed))
+
+    def _plan(self, parsed: Sequence[tuple[Event, bytes, list[Identifier]]], known_in: dict[Identifier, str]
+              ) -> tuple[list[tuple[str, bytes]], dict[Identifier, str], dict[Identifier, str]]:
+        known = dict(known_in)
+        out: list[tuple[str, bytes]] = []
+        claims: dict[Identifier, str] = {}
+        relinks: dict[Identifier, str] = {}
+        for event, raw, ids in parsed:
+            direct = direct_profile_id(event)
+            if direct:
+                out.append(fold_message("event", direct, event=orjson.Fragment(raw)))
+                continue
+            plan = plan_resolution(ids, known)
+            for ident in plan.claims:
+                claims.setdefault(ident, plan.target)
+            matched = [i for i in ids if known.get(i) and known[i] != plan.target]
+            for ident in matched:
+                relinks[ident] = plan.target
+            for loser in plan.merge_from:
+                out.append(fold_message("merge_out", loser, into=plan.target, reason=merge_reason(event, matched),
+                                        cause=event.dedup_key, at=iso(to_ms(event.timestamp))))
+            for ident in ids:
+                known[ident] = plan.target
+                self.cache.put(ident, plan.target)
+            out.append(fold_message("event", plan.target, event=orjson.Fragment(raw)))
+        return out, claims, relinks
+
+
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Loaded:
+    """What the owner of a profile knows about it."""
+
+    state: ProfileState | None
+    document: dict[str, Any] | None
+    merged_into: str | None
+    segments: dict[str, tuple[bool, int]] = field(default_factory=dict)  # id -> (member, changed ms)
+
+    def segment_ids(self) -> list[str]:
+        return sorted(s for s, (member, _) in self.segments.items() if member)
+
+
+@dataclass
+class _Pending:
+    """Effects of one batch, applied in order: events, Kafka, Redis, snapshots, dedup index."""
+
+    stored: list[StoredEvent] = field(default_factory=list)
+    raw: dict[str, bytes] = field(default_factory=dict)
+    documents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    snapshots: set[str] = field(default_factory=set)
+
+
+class Folder:
+    def __init__(self, store: ProfileStore, hot: HotProfiles | None, emitter: Emitter, tombstones: Tombstones,
+                 dispatch: Dispatch, *, clock: Clock = utc_now, cache_size: int = 200_000) -> None:
+        self.store = store
+        self.hot = hot
+        self.emitter = emitter
+        self.tombstones = tombstones
+        self.dispatch = dispatch
+        self.clock = clock
+        self.cache: LRU = LRU(cache_size)
+
+    def forget_all(self) -> None:
+        """Partitions moved: another worker may own some of these profiles now."""
+        self.cache.clear()
+
+    async def _load(self, profile_ids: Sequence[str]) -> None:
+        missing = [p for p in dict.fromkeys(profile_ids) if p not in self.cache]
+        loaded = await gather_limited(self._load_one(p) for p in missing)
+        for pid, item in zip(missing, loaded, strict=True):
+            self.cache.put(pid, item)
+
+    async def _load_one(self, profile_id: str) -> Loaded:
+        snap, segment_rows = await asyncio.gather(self.store.load(profile_id), self.store.segment_rows(profile_id))
+        segments = {r["segment_id"]: (bool(r["member"]), int(r["changed_at"].timestamp() * 1000))
+                    for r in segment_rows}
+        item = Loaded(snap.state, snap.document, snap.merged_into, segments)
+        if snap.merged_into is None:
+            # Events stored by a run that crashed before its snapshot: fold them now (and re-emit them:
+            # downstream sees them at least once).
+            after = tuple(snap.state.last_key) if snap.state and snap.state.last_key else None
+            if snap.state is None or after is not None:
+                missed = await self.store.events(profile_id, after=after) if after else await self.store.events(
+                    profile_id)
+                if missed:
+                    state = snap.state or new_state(profile_id)
+                    for row in missed:
+                        fold(state, row.event)
+                    item.state = state
+                    await self._publish(profile_id, item, [r.event for r in missed], [])
+        return item
+
+    # ---- batch entry point -------------------------------------------------------------------------
+    async def fold_batch(self, raws: Sequence[bytes]) -> None:
+        ops: list[Op] = []
+        for raw in raws:
+            try:
+                ops.append(orjson.loads(raw))
+            except orjson.JSONDecodeError:
+                log.warning("skipping an undecodable fold message")
+        groups: dict[str, list[Op]] = {}
+        for op in ops:
+            groups.setdefault(op["profileId"], []).append(op)
+        await self._load(list(groups))
+        forwards: list[tuple[str, bytes]] = []
+        fast: dict[str, list[Op]] = {}
+        slow: dict[str, list[Op]] = {}
+        for pid, group in groups.items():
+            simple = all(o["op"] == "event" for o in group) and self.cache[pid].merged_into is None
+            (fast if simple else slow)[pid] = group
+        if fast:
+            await self._apply_events(fast, forwards)
+        for pid, group in slow.items():
+            for op in group:
+                await self._apply_op(pid, op, forwards)
+        if forwards:
+            await self.dispatch(forwards)
+
+    async def _apply_op(self, pid: str, op: Op, forwards: list[tuple[str, bytes]]) -> None:
+        kind = op["op"]
+        item = self.cache.get(pid)
+        if item is None:
+            await self._load([pid])
+            item = self.cache[pid]
+        if kind == "event":
+            if item.merged_into:
+                forwards.append(fold_message("event", item.merged_into, event=op["event"]))
+                metrics.FORWARDED.inc()
+            else:
+                await self._apply_events({pid: [op]}, forwards)
+        elif kind == "merge_out":
+            await self._merge_out(pid, item, op, forwards)
+        elif kind == "absorb":
+            await self._absorb(pid, item, op, forwards)
+        elif kind == "erase":
+            await self._erase(pid, item, op, forwards)
+        elif kind == "segment":
+            await self._segment(pid, item, op)
+        else:
+            log.warning("unknown fold operation %r", kind)
+
+    # ---- events ------------------------------------------------------------------------------------
+    async def _apply_events(self, groups: dict[str, list[Op]], forwards: list[tuple[str, bytes]]) -> None:
+        candidates: dict[str, list[tuple[Event, bytes]]] = {}
+        for pid, ops in groups.items():
+            seen: set[str] = set()
+            for op in ops:
+                raw = orjson.dumps(op["event"])
+                try:
+                    event = decode_event(raw)
+                except (ValidationError, ValueError):
+                    metrics.PROCESSED.labels("fold", "invalid").inc()
+                    continue
+                erased_at = self.tombstones.erased.get(subject_hash("profile_id", pid))
+                if erased_at is not None and to_ms(event.received_at) <= erased_at:
+                    metrics.PROCESSED.labels("fold", "erased").inc()
+                    continue
+                if event.dedup_key in seen:
+                    metrics.PROCESSED.labels("fold", "duplicate").inc()
+                    continue
+                seen.add(event.dedup_key)
+                candidates.setdefault(pid, []).append((event, raw))
+        done = await self.store.existing_event_keys([e.dedup_key for evs in candidates.values() for e, _ in evs])
+        pending = _Pending()
+        fresh: dict[str, list[Event]] = {}
+        for pid, evs in candidates.items():
+            for event, raw in evs:
+                if event.dedup_key in done:
+                    metrics.PROCESSED.labels("fold", "duplicate").inc()
+                    continue
+                ts_ms, key = event_key(event)
+                pending.stored.append(StoredEvent(pid, ts_ms, key, event))
+                pending.raw[key] = raw
+                fresh.setdefault(pid, []).append(event)
+        if not fresh:
+            return
+        await self.store.write_events(pending.stored, pending.raw)
+        refold = [pid for pid, new_events in fresh.items()
+                  if not self._in_order(self.cache[pid].state, new_events)]
+        full = dict(zip(refold, await gather_limited(self.store.events(p) for p in refold), strict=True))
+        for pid, new_events in fresh.items():
+            item = self.cache[pid]
+            if pid in full:
+                item.state = fold_all(pid, [r.event for r in full[pid]])
+                metrics.REFOLDS.inc()
+            else:
+                state = item.state or new_state(pid)
+                for event in sorted(new_events, key=event_key):
+                    fold(state, event)
+                item.state = state
+            await self._publish(pid, item, new_events, [], pending=pending)
+        await self._commit(pending)
+        metrics.PROCESSED.labels("fold", "ok").inc(len(pending.stored))
+        now_s = self.clock().timestamp()
+        for row in pending.stored:
+            metrics.FRESHNESS.observe(max(0.0, now_s - row.event.received_at.timestamp()))
+
+    @staticmethod
+    def _in_order(state: ProfileState | None, events: list[Event]) -> bool:
+        if state is None or state.last_key is None:
+            return True
+        last = (state.last_key[0], state.last_key[1])
+        return all(event_key(e) > last for e in events)
+
+    async def _publish(self, pid: str, item: Loaded, events: Sequence[Event], merges: Sequence[Op],
+                       pending: _Pending | None = None) -> None:
+        """Emit what one profile's update means downstream; with ``pending`` the Redis/snapshot writes join
+        the batch, otherwise they happen now."""
+        assert item.state is not None
+        now = self.clock()
+        document = render(item.state, now=now, segments=item.segment_ids())
+        changed = changed_fields(item.document, document)
+        resolved_at = iso(to_ms(now))
+        for event in events:
+            await self.emitter.send(EVENTS_RESOLVED, pid, orjson.dumps(
+                {"profileId": pid, "event": orjson.Fragment(encode_event(event)), "resolvedAt": resolved_at}))
+        for merge in merges:
+            await self.emitter.send(EVENTS_RESOLVED, pid, orjson.dumps(
+                {"profileId": pid, "merge": merge, "resolvedAt": resolved_at, "at": resolved_at}))
+        if changed:
+            cause_event = max(events, key=lambda e: e.received_at) if events else None
+            cause: dict[str, Any] | None = None if cause_event is None else {
+                "messageId": cause_event.message_id, "type": cause_event.type, "event": cause_event.event,
+                "timestamp": iso(to_ms(cause_event.timestamp)), "receivedAt": iso(to_ms(cause_event.received_at)),
+                "source": cause_event.source}
+            if merges:
+                cause = {"merge": merges[0], **(cause or {})}
+            await self.emitter.send(PROFILE_CHANGED, pid, orjson.dumps(
+                {"profileId": pid, "changed": changed, "profile": document, "cause": cause, "at": resolved_at}))
+        item.document = document
+        if pending is not None:
+            pending.documents[pid] = document
+            pending.snapshots.add(pid)
+        else:
+            await self.emitter.flush()
+            if self.hot is not None:
+                await self.hot.write({pid: document}, {})
+            await self.store.save(pid, item.state, document, None, now)
+
+    async def _commit(self, pending: _Pending) -> None:
+        await self.emitter.flush()
+        if self.hot is not None and pending.documents:
+            await self.hot.write(pending.documents, {})
+        now = self.clock()
+        await gather_limited(self.store.save(pid, self.cache[pid].state, self.cache[pid].document, None, now)
+                             for pid in pending.snapshots)
+        await self.store.write_index(pending.stored)
+
+    # ---- merges ------------------------------------------------------------------------------------
+    async def _merge_out(self, pid: str, item: Loaded, op: Op, forwards: list[tuple[str, bytes]]) -> None:
+        into = op["into"]
+        if into == pid:
+            return
+        if item.merged_into and item.merged_into != into:
+            # Already merged elsewhere: the two survivors belong together; the larger id merges into the smaller.
+            low, high = sorted((item.merged_into, into))
+            forwards.append(fold_message("merge_out", high, into=low, reason=op["reason"], cause=op["cause"],
+                                         at=op.get("at")))
+            return
+        now = self.clock()
+        if item.merged_into is None:
+            await self.store.save(pid, None, None, into, now)
+            if self.hot is not None:
+                await self.hot.write({}, {("profile_id", pid): into}, deleted=[pid])
+            await self.emitter.send(PROFILE_CHANGED, pid, orjson.dumps(
+                {"profileId": pid, "deleted": True, "mergedInto": into, "at": iso(to_ms(now))}))
+            await self.emitter.flush()
+            item.merged_into, item.state, item.document = into, None, None
+        forwards.append(fold_message("absorb", into, merged=pid, reason=op["reason"], cause=op["cause"],
+                                     at=op.get("at")))
+
+    async def _absorb(self, pid: str, item: Loaded, op: Op, forwards: list[tuple[str, bytes]]) -> None:
+        merged = op["merged"]
+        if item.merged_into:
+            forwards.append(fold_message("absorb", item.merged_into, merged=merged, reason=op["reason"],
+                                         cause=op["cause"], at=op.get("at")))
+            return
+        now = self.clock()
+        moved = await self.store.events(merged)
+        moved_rows = [StoredEvent(pid, r.ts_ms, r.event_key, r.event) for r in moved]
+        if moved_rows:
+            await self.store.write_events(moved_rows, {r.event_key: encode_event(r.event) for r in moved_rows})
+        identity_rows = await self.store.profile_identities(merged)
+        identifiers = [Identifier(r["kind"], r["value"]) for r in identity_rows]
+        await self.store.link_identities(identifiers, pid, now)
+        if self.hot is not None:
+            await self.hot.write({}, {(i.kind, i.value): pid for i in identifiers})
+        segments = item.segments
+        all_events = await self.store.events(pid)
+        item.state = fold_all(pid, [r.event for r in all_events])
+        item.segments = segments
+        merge = {"survivor": pid, "merged": [merged], "reason": op["reason"], "cause": op["cause"]}
+        await self.store.record_merge(pid, merged, op["reason"], op["cause"], len(moved_rows), len(identifiers), now)
+        await self._publish(pid, item, [], [merge])
+        await self.store.repoint_index(moved_rows)
+        await self.store.forget_identities(merged, identifiers, delete_links=False)
+        await self.store.delete_events(merged, [])
+        metrics.MERGES.labels(op["reason"]).inc()
+
+    # ---- erasure -----------------------------------------------------------------------------------
+    async def _erase(self, pid: str, item: Loaded, op: Op, forwards: list[tuple[str, bytes]]) -> None:
+        if item.merged_into:
+            forwards.append(fold_message("erase", item.merged_into, requestId=op["requestId"],
+                                         erasedAt=op["erasedAt"]))
+            return
+        erased_ms = int(op["erasedAt"])
+        erased_at = datetime.fromtimestamp(erased_ms / 1000, UTC)
+        identity_rows = await self.store.profile_identities(pid)
+        identifiers = [Identifier(r["kind"], r["value"]) for r in identity_rows]
+        merged_from = [r["merged"] for r in await self.store.merges(pid)]
+        subjects = [subject_hash(i.kind, i.value) for i in identifiers]
+        subjects += [subject_hash("profile_id", p) for p in [pid, *merged_from]]
+        await self.store.add_tombstones(subjects, erased_at)
+        self.tombstones.add(subjects, erased_ms)
+        events = await self.store.events(pid)
+        await self.store.delete_events(pid, [r.event_key for r in events])
+        await self.store.forget_identities(pid, identifiers, delete_links=True)
+        for other in merged_from:
+            await self.store.delete_profile(other)
+        await self.store.delete_merges(pid)
+        await self.store.delete_segments(pid)
+        await self.store.delete_profile(pid)
+        if self.hot is not None:
+            await self.hot.write({}, {}, deleted=[pid, *merged_from],
+                                 deleted_idents=[(i.kind, i.value) for i in identifiers]
+                                 + [("profile_id", p) for p in merged_from])
+        await self.emitter.send(PROFILE_CHANGED, pid, orjson.dumps(
+            {"profileId": pid, "deleted": True, "at": iso(to_ms(self.clock()))}))
+        await self.emitter.flush()
+        await self.store.complete_erasure_request(op["requestId"], len(events), self.clock())
+        self.cache.put(pid, Loaded(None, None, None))
+        metrics.ERASURES.inc()
+
+    # ---- segment membership ------------------------------------------------------------------------
+    async def _segment(self, pid: str, item: Loaded, op: Op) -> None:
+        if item.merged_into or item.state is None:
+            return  # merged or erased profiles have no segments; the segmenter learns it from profile.changed
+        at_ms = int(op["atMs"])
+        segment_id = str(op["segmentId"])
+        member = op["change"] == "entered"
+        previous = item.segments.get(segment_id)
+        if previous is not None and previous[1] > at_ms:
+            return  # an older message than what we hold
+        item.segments[segment_id] = (member, at_ms)
+        await self.store.upsert_segment(pid, segment_id, op.get("segmentName"), member,
+                                        datetime.fromtimestamp(at_ms / 1000, UTC))
+        if item.document is not None:
+            item.document = {**item.document, "segments": item.segment_ids()}
+            if self.hot is not None:
+                await self.hot.write({pid: item.document}, {})
+            await self.store.save(pid, item.state, item.document, None, self.clock())
+
+
+def segment_message(raw: bytes) -> tuple[str, bytes] | None:
+    """A ``segment.membership`` message as a fold operation for its profile's owner."""
+    try:
+        msg = orjson.loads(raw)
+        at = datetime.fromisoformat(str(msg["at"]).replace("Z", "+00:00"))
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=UTC)
+        return fold_message("segment", str(msg["profileId"]), segmentId=str(msg["segmentId"]),
+                            segmentName=msg.get("segmentName"), change=msg["change"], atMs=to_ms(at))
+    except (orjson.JSONDecodeError, KeyError, ValueError, TypeError):
+        log.warning("skipping an invalid segment.membership message")
+        return None
+
+
+async def retry_forever(what: str, action: Callable[[], Awaitable[None]]) -> None:
+    """Run a batch until it succeeds: a failed batch must not be acknowledged (faust acks after the loop
+    body), and every effect is idempotent so a retry is safe."""
+    delay = 0.2
+    while True:
+        try:
+            await action()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            metrics.BATCH_FAILURES.labels(what).inc()
+            log.exception("%s batch failed; retrying in %.1fs", what, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def monotonic_ms() -> int:
+    return int(time.monotonic() * 1000)

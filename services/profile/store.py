@@ -1,0 +1,377 @@
+"""Cassandra and Redis adapters of the profile service: event store, identity graph, snapshots, merge
+audit, erasure tombstones, segment memberships, and the Redis hot copies.
+
+Every write is idempotent (same primary key, same value) so a batch retried after a crash converges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import orjson
+from cassandra.cluster import Session
+from cassandra.query import BatchStatement, BatchType
+from redis.asyncio import Redis
+
+from loyalist.events import Event, decode_event
+from loyalist.metrics import STORE_CALLS
+from loyalist.settings import Settings
+from services.profile.domain.identity import Identifier
+from services.profile.domain.profile import ProfileState
+
+T = TypeVar("T")
+IN_CHUNK = 100
+
+
+def ms_to_dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def dt_to_ms(value: datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp() * 1000)
+
+
+async def execute(session: Session, statement: Any, params: Any = None) -> list[Any]:
+    """Run a statement without blocking the event loop and return all its rows.
+
+    Like ``loyalist.cassandra.execute`` but also for statements without a result set (writes), whose
+    page the driver reports as ``None``.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[list[Any]] = loop.create_future()
+    response = session.execute_async(statement, params)
+    rows: list[Any] = []
+
+    def settle(value: list[Any] | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value or [])
+
+    def on_page(page: list[Any] | None) -> None:
+        if page:
+            rows.extend(page)
+        if response.has_more_pages:
+            response.start_fetching_next_page()
+        else:
+            loop.call_soon_threadsafe(settle, rows, None)
+
+    def on_error(error: BaseException) -> None:
+        loop.call_soon_threadsafe(settle, None, error)
+
+    response.add_callbacks(on_page, on_error)
+    return await future
+
+
+async def gather_limited(coros: Iterable[Awaitable[T]], limit: int = 256) -> list[T]:
+    """Run awaitables concurrently, at most ``limit`` at a time, keeping their order."""
+    semaphore = asyncio.Semaphore(limit)
+
+    async def one(aw: Awaitable[T]) -> T:
+        async with semaphore:
+            return await aw
+
+    return list(await asyncio.gather(*(one(c) for c in coros)))
+
+
+def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+@dataclass
+class Snapshot:
+    state: ProfileState | None
+    document: dict[str, Any] | None
+    merged_into: str | None
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    profile_id: str
+    ts_ms: int
+    event_key: str
+    event: Event
+
+
+class ProfileStore:
+    """Cassandra access of the profile service (prepared statements, async execution)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        p = session.prepare
+        self._insert_event = p(
+            "INSERT INTO profile_events (profile_id, ts, event_key, received_at, type, name, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)")
+        self._insert_index = p("INSERT INTO profile_event_index (event_key, profile_id, ts) VALUES (?, ?, ?)")
+        self._select_index = p("SELECT event_key, profile_id FROM profile_event_index WHERE event_key IN ?")
+        self._delete_index = p("DELETE FROM profile_event_index WHERE event_key = ?")
+        self._events_all = p("SELECT ts, event_key, body FROM profile_events WHERE profile_id = ?")
+        self._events_after = p(
+            "SELECT ts, event_key, body FROM profile_events WHERE profile_id = ? AND (ts, event_key) > (?, ?)")
+        self._events_until = p("SELECT ts, event_key, body FROM profile_events WHERE profile_id = ? AND ts <= ?")
+        self._events_before = p(
+            "SELECT ts, event_key, body FROM profile_events WHERE profile_id = ? AND (ts, event_key) < (?, ?) "
+            "ORDER BY ts DESC, event_key DESC LIMIT ?")
+        self._delete_events = p("DELETE FROM profile_events WHERE profile_id = ?")
+        self._select_identity = p("SELECT value, profile_id FROM identities WHERE kind = ? AND value IN ?")
+        self._claim_identity = p(
+            "INSERT INTO identities (kind, value, profile_id, linked_at) VALUES (?, ?, ?, ?) IF NOT EXISTS")
+        self._link_identity = p("INSERT INTO identities (kind, value, profile_id, linked_at) VALUES (?, ?, ?, ?)")
+        self._delete_identity = p("DELETE FROM identities WHERE kind = ? AND value = ?")
+        self._insert_profile_identity = p(
+            "INSERT INTO profile_identities (profile_id, kind, value, linked_at) VALUES (?, ?, ?, ?)")
+        self._select_profile_identities = p(
+            "SELECT kind, value, linked_at FROM profile_identities WHERE profile_id = ?")
+        self._delete_profile_identities = p("DELETE FROM profile_identities WHERE profile_id = ?")
+        self._select_profile = p("SELECT state, document, merged_into FROM profiles WHERE profile_id = ?")
+        self._select_documents = p("SELECT profile_id, document, merged_into FROM profiles WHERE profile_id IN ?")
+        self._write_profile = p(
+            "INSERT INTO profiles (profile_id, state, document, merged_into, updated_at) VALUES (?, ?, ?, ?, ?)")
+        self._delete_profile = p("DELETE FROM profiles WHERE profile_id = ?")
+        self._insert_merge = p(
+            "INSERT INTO profile_merges (profile_id, merged, reason, cause, events_moved, identifiers_moved, "
+            "merged_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        self._select_merges = p(
+            "SELECT merged, reason, cause, events_moved, identifiers_moved, merged_at FROM profile_merges "
+            "WHERE profile_id = ?")
+        self._delete_merges = p("DELETE FROM profile_merges WHERE profile_id = ?")
+        self._insert_erasure = p("INSERT INTO erasures (subject, erased_at) VALUES (?, ?)")
+        self._insert_erasure_request = p(
+            "INSERT INTO erasure_requests (request_id, subject, requested_at) VALUES (?, ?, ?)")
+        self._complete_erasure = p(
+            "UPDATE erasure_requests SET completed_at = ?, events_deleted = ? WHERE request_id = ?")
+        self._select_erasure_request = p(
+            "SELECT completed_at, events_deleted FROM erasure_requests WHERE request_id = ?")
+        self._upsert_segment = p(
+            "INSERT INTO profile_segments (profile_id, segment_id, segment_name, member, changed_at) "
+            "VALUES (?, ?, ?, ?, ?)")
+        self._select_segments = p(
+            "SELECT segment_id, segment_name, member, changed_at FROM profile_segments WHERE profile_id = ?")
+        self._delete_segments = p("DELETE FROM profile_segments WHERE profile_id = ?")
+
+    async def _run(self, operation: str, statement: Any, params: Any = None) -> list[Any]:
+        started = time.perf_counter()
+        try:
+            return await execute(self.session, statement, params)
+        finally:
+            STORE_CALLS.labels("profile", "cassandra", operation).observe(time.perf_counter() - started)
+
+    # ---- event store -------------------------------------------------------------------------------
+    async def existing_event_keys(self, keys: Sequence[str]) -> dict[str, str]:
+        """Which of these events were fully processed already, and on which profile."""
+        found: dict[str, str] = {}
+        chunks = _chunks(list(dict.fromkeys(keys)), IN_CHUNK)
+        for rows in await gather_limited(self._run("index_lookup", self._select_index, (list(c),)) for c in chunks):
+            for row in rows:
+                found[row["event_key"]] = row["profile_id"]
+        return found
+
+    async def write_events(self, rows: Sequence[StoredEvent], raw: dict[str, bytes]) -> None:
+        """The events of a batch, grouped by profile into single-partition batches (one round trip each)."""
+        by_profile: dict[str, list[StoredEvent]] = {}
+        for row in rows:
+            by_profile.setdefault(row.profile_id, []).append(row)
+        statements: list[BatchStatement] = []
+        for profile_rows in by_profile.values():
+            for chunk in _chunks(profile_rows, 20):
+                batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+                for r in chunk:
+                    e = r.event
+                    batch.add(self._insert_event, (r.profile_id, ms_to_dt(r.ts_ms), r.event_key, e.received_at,
+                                                   e.type, e.label, raw[r.event_key]))
+                statements.append(batch)
+        await gather_limited(self._run("write_events", b) for b in statements)
+
+    async def write_index(self, rows: Sequence[StoredEvent]) -> None:
+        """Marks events as processed: written last, after every other effect of the batch."""
+        statements = []
+        for chunk in _chunks(list(rows), 25):
+            batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+            for r in chunk:
+                batch.add(self._insert_index, (r.event_key, r.profile_id, ms_to_dt(r.ts_ms)))
+            statements.append(batch)
+        await gather_limited(self._run("write_index", b) for b in statements)
+
+    def _decode_rows(self, profile_id: str, rows: list[Any]) -> list[StoredEvent]:
+        return [StoredEvent(profile_id, dt_to_ms(r["ts"]), r["event_key"], decode_event(r["body"])) for r in rows]
+
+    async def events(self, profile_id: str, *, after: tuple[int, str] | None = None,
+                     until_ms: int | None = None) -> list[StoredEvent]:
+        if after is not None:
+            rows = await self._run("events_after", self._events_after, (profile_id, ms_to_dt(after[0]), after[1]))
+        elif until_ms is not None:
+            rows = await self._run("events_until", self._events_until, (profile_id, ms_to_dt(until_ms)))
+        else:
+            rows = await self._run("events_all", self._events_all, (profile_id,))
+        return self._decode_rows(profile_id, rows)
+
+    async def events_before(self, profile_id: str, end: tuple[int, str], limit: int) -> list[StoredEvent]:
+        """Newest first, strictly before ``end`` = (timestamp ms, event key)."""
+        rows = await self._run("events_before", self._events_before,
+                               (profile_id, ms_to_dt(end[0]), end[1], limit))
+        return self._decode_rows(profile_id, rows)
+
+    async def delete_events(self, profile_id: str, keys: Sequence[str]) -> None:
+        await self._run("delete_events", self._delete_events, (profile_id,))
+        await gather_limited(self._run("delete_index", self._delete_index, (k,)) for k in keys)
+
+    async def repoint_index(self, rows: Sequence[StoredEvent]) -> None:
+        await self.write_index(rows)
+
+    # ---- identity graph ----------------------------------------------------------------------------
+    async def lookup_identities(self, identifiers: Iterable[Identifier]) -> dict[Identifier, str]:
+        by_kind: dict[str, list[str]] = {}
+        for ident in set(identifiers):
+            by_kind.setdefault(ident.kind, []).append(ident.value)
+        queries = [(kind, chunk) for kind, values in by_kind.items() for chunk in _chunks(values, IN_CHUNK)]
+        results = await gather_limited(
+            self._run("identity_lookup", self._select_identity, (kind, list(chunk))) for kind, chunk in queries)
+        found: dict[Identifier, str] = {}
+        for (kind, _chunk), rows in zip(queries, results, strict=True):
+            for row in rows:
+                found[Identifier(kind, row["value"])] = row["profile_id"]
+        return found
+
+    async def claim_identity(self, identifier: Identifier, profile_id: str, now: datetime) -> str:
+        """Link a new identifier to a profile unless another worker linked it first; returns the owner."""
+        rows = await self._run("identity_claim", self._claim_identity,
+                               (identifier.kind, identifier.value, profile_id, now))
+        row = rows[0]
+        if row["[applied]"]:
+            await self._run("profile_identity", self._insert_profile_identity,
+                            (profile_id, identifier.kind, identifier.value, now))
+            return profile_id
+        return str(row["profile_id"])
+
+    async def link_identities(self, identifiers: Sequence[Identifier], profile_id: str, now: datetime) -> None:
+        await gather_limited(
+            [self._run("identity_link", self._link_identity, (i.kind, i.value, profile_id, now)) for i in identifiers]
+            + [self._run("profile_identity", self._insert_profile_identity, (profile_id, i.kind, i.value, now))
+               for i in identifiers])
+
+    async def profile_identities(self, profile_id: str) -> list[dict[str, Any]]:
+        return await self._run("profile_identities", self._select_profile_identities, (profile_id,))
+
+    async def forget_identities(self, profile_id: str, identifiers: Sequence[Identifier], *,
+                                delete_links: bool) -> None:
+        await self._run("profile_identities_delete", self._delete_profile_identities, (profile_id,))
+        if delete_links:
+            await gather_limited(self._run("identity_delete", self._delete_identity, (i.kind, i.value))
+                                 for i in identifiers)
+
+    # ---- snapshots ---------------------------------------------------------------------------------
+    async def load(self, profile_id: str) -> Snapshot:
+        rows = await self._run("snapshot_load", self._select_profile, (profile_id,))
+        if not rows:
+            return Snapshot(None, None, None)
+        row = rows[0]
+        state = ProfileState.from_json(orjson.loads(row["state"])) if row["state"] else None
+        document = orjson.loads(row["document"]) if row["document"] else None
+        return Snapshot(state, document, row["merged_into"])
+
+    async def documents(self, profile_ids: Sequence[str]) -> dict[str, tuple[dict[str, Any] | None, str | None]]:
+        out: dict[str, tuple[dict[str, Any] | None, str | None]] = {}
+        for chunk in _chunks(list(profile_ids), IN_CHUNK):
+            for row in await self._run("snapshot_documents", self._select_documents, (list(chunk),)):
+                doc = orjson.loads(row["document"]) if row["document"] else None
+                out[row["profile_id"]] = (doc, row["merged_into"])
+        return out
+
+    async def save(self, profile_id: str, state: ProfileState | None, document: dict[str, Any] | None,
+                   merged_into: str | None, now: datetime) -> None:
+        await self._run("snapshot_save", self._write_profile, (
+            profile_id, orjson.dumps(state.to_json()) if state else None,
+            orjson.dumps(document) if document is not None else None, merged_into, now))
+
+    async def delete_profile(self, profile_id: str) -> None:
+        await self._run("snapshot_delete", self._delete_profile, (profile_id,))
+
+    # ---- merges ------------------------------------------------------------------------------------
+    async def record_merge(self, survivor: str, merged: str, reason: str, cause: str, events_moved: int,
+                           identifiers_moved: int, at: datetime) -> None:
+        await self._run("merge_audit", self._insert_merge,
+                        (survivor, merged, reason, cause, events_moved, identifiers_moved, at))
+
+    async def merges(self, profile_id: str) -> list[dict[str, Any]]:
+        return await self._run("merges", self._select_merges, (profile_id,))
+
+    async def delete_merges(self, profile_id: str) -> None:
+        await self._run("merges_delete", self._delete_merges, (profile_id,))
+
+    # ---- erasure -----------------------------------------------------------------------------------
+    async def add_tombstones(self, subjects: Iterable[str], erased_at: datetime) -> None:
+        await gather_limited(self._run("tombstone", self._insert_erasure, (s, erased_at)) for s in set(subjects))
+
+    async def tombstones(self) -> dict[str, int]:
+        rows = await self._run("tombstones", "SELECT subject, erased_at FROM erasures")
+        return {r["subject"]: dt_to_ms(r["erased_at"]) for r in rows}
+
+    async def create_erasure_request(self, request_id: str, subject: str, at: datetime) -> None:
+        await self._run("erasure_request", self._insert_erasure_request, (request_id, subject, at))
+
+    async def complete_erasure_request(self, request_id: str, events_deleted: int, at: datetime) -> None:
+        await self._run("erasure_request", self._complete_erasure, (at, events_deleted, request_id))
+
+    async def erasure_request(self, request_id: str) -> dict[str, Any] | None:
+        rows = await self._run("erasure_request", self._select_erasure_request, (request_id,))
+        return rows[0] if rows else None
+
+    # ---- segments ----------------------------------------------------------------------------------
+    async def segment_rows(self, profile_id: str) -> list[dict[str, Any]]:
+        return await self._run("segments", self._select_segments, (profile_id,))
+
+    async def upsert_segment(self, profile_id: str, segment_id: str, name: str | None, member: bool,
+                             at: datetime) -> None:
+        await self._run("segment_upsert", self._upsert_segment, (profile_id, segment_id, name, member, at))
+
+    async def delete_segments(self, profile_id: str) -> None:
+        await self._run("segments_delete", self._delete_segments, (profile_id,))
+
+
+class HotProfiles:
+    """Redis: the hot profile document and identifier -> profile id lookups, under the namespace."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+
+    def profile_key(self, profile_id: str) -> str:
+        return self.settings.redis_key("profile", profile_id)
+
+    def ident_key(self, kind: str, value: str) -> str:
+        return self.settings.redis_key("ident", kind, value)
+
+    async def write(self, documents: dict[str, dict[str, Any]], idents: dict[tuple[str, str], str],
+                    deleted: Iterable[str] = (), deleted_idents: Iterable[tuple[str, str]] = ()) -> None:
+        started = time.perf_counter()
+        pipe = self.redis.pipeline(transaction=False)
+        for pid, doc in documents.items():
+            pipe.set(self.profile_key(pid), orjson.dumps(doc))
+        for (kind, value), pid in idents.items():
+            pipe.set(self.ident_key(kind, value), pid)
+        for pid in deleted:
+            pipe.delete(self.profile_key(pid))
+        for kind, value in deleted_idents:
+            pipe.delete(self.ident_key(kind, value))
+        if len(pipe):
+            await pipe.execute()
+        STORE_CALLS.labels("profile", "redis", "write").observe(time.perf_counter() - started)
+
+    async def document(self, profile_id: str) -> bytes | None:
+        value = await self.redis.get(self.profile_key(profile_id))
+        if value is None:
+            return None
+        return value.encode() if isinstance(value, str) else bytes(value)
+
+    async def lookup(self, kind: str, value: str) -> str | None:
+        found = await self.redis.get(self.ident_key(kind, value))
+        return found.decode() if isinstance(found, bytes) else found
