@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from services.journeys.domain.definition import InvalidDefinition, JourneyDefinition, parse_definition
+from services.journeys.domain.definition import InvalidDefinition, JourneyDefinition, SplitNode, parse_definition
 from services.journeys.domain.engine import (
     DateTrigger,
     Decision,
@@ -27,7 +27,7 @@ from services.journeys.domain.templates import TEMPLATES, TemplateParamError, bu
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 
 
-def definition(nodes: list[dict[str, Any]], **extra: Any) -> JourneyDefinition:
+def definition(nodes: list[Any], **extra: Any) -> JourneyDefinition:
     raw: dict[str, Any] = {"name": "test", "entry": {"type": "event", "event": "Checkout Started",
                                                      "key": "checkout_id"}, "nodes": nodes}
     raw.update(extra)
@@ -54,7 +54,7 @@ def sends(decision: Decision) -> list[SendMessage]:
     return [a for a in decision.actions if isinstance(a, SendMessage)]
 
 
-ABANDONED = [
+ABANDONED: list[dict[str, Any]] = [
     {"id": "wait", "type": "wait_for_event", "event": "Order Completed", "match_key": "checkout_id",
      "timeout": "PT1H", "next": "done", "timeout_next": "remind"},
     {"id": "remind", "type": "send", "channel": "email", "template": "abandoned_checkout",
@@ -223,7 +223,7 @@ def test_wait_for_event_matches_only_the_same_key() -> None:
 
 
 def test_delay_by_duration_and_until_local_time_and_until_date() -> None:
-    nodes = [{"id": "d", "type": "delay", "duration": "PT30M", "next": "s"},
+    nodes: list[dict[str, Any]] = [{"id": "d", "type": "delay", "duration": "PT30M", "next": "s"},
              {"id": "s", "type": "send", "template": "welcome_1"}]
     decision = enter(definition(nodes))
     assert decision.instance.waiting is not None and decision.instance.waiting.until == T0 + timedelta(minutes=30)
@@ -248,7 +248,7 @@ def test_delay_by_duration_and_until_local_time_and_until_date() -> None:
 
 
 def test_condition_split_on_traits_segments_and_predictions() -> None:
-    nodes = [{"id": "c", "type": "condition", "if": {"all": [
+    nodes: list[dict[str, Any]] = [{"id": "c", "type": "condition", "if": {"all": [
         {"in_segment": "vip"}, {"field": "profile.predictions.predicted_clv_365d", "op": "gte", "value": 300},
         {"field": "profile.traits.plan", "op": "in", "value": ["gold", "pro"]}]},
         "next": "yes", "else_next": "no"},
@@ -283,7 +283,7 @@ def test_high_clv_gets_the_incentive_reminder_others_do_not() -> None:
 
 
 def test_random_split_holdout_is_stable_per_customer_and_close_to_its_weight() -> None:
-    nodes = [{"id": "split", "type": "split", "branches": [
+    nodes: list[dict[str, Any]] = [{"id": "split", "type": "split", "branches": [
         {"id": "treated", "weight": 80, "next": "s"}, {"id": "control", "weight": 20, "holdout": True}]},
         {"id": "s", "type": "send", "template": "win_back"}]
     d = definition(nodes)
@@ -297,7 +297,9 @@ def test_random_split_holdout_is_stable_per_customer_and_close_to_its_weight() -
         groups[f"p{i}"] = first.instance.group
     share = sum(g == "holdout" for g in groups.values()) / len(groups)
     assert 0.17 < share < 0.23
-    assert choose_branch("j1", d.nodes["split"], "p1") == choose_branch("j1", d.nodes["split"], "p1")
+    split = d.nodes["split"]
+    assert isinstance(split, SplitNode)
+    assert choose_branch("j1", split, "p1") == choose_branch("j1", split, "p1")
 
 
 def test_update_trait_emits_an_identify_for_the_profile() -> None:
@@ -351,7 +353,7 @@ def test_exit_rules_segment_unsubscribed_event() -> None:
 
 
 def test_goal_with_attribution_window_and_goal_exit() -> None:
-    nodes = [{"id": "d", "type": "delay", "duration": "P3D", "next": "s"},
+    nodes: list[dict[str, Any]] = [{"id": "d", "type": "delay", "duration": "P3D", "next": "s"},
              {"id": "s", "type": "send", "template": "win_back"}]
     d = definition(nodes, goal={"event": "Order Completed", "within": "P2D"},
                    exit_rules=[{"type": "goal_reached"}])

@@ -512,19 +512,21 @@ def _advance(
             node_id = branch.next
             continue
         if isinstance(node, SendNode):
+            # Fields that resolve to nothing are left out, so the template's own fallbacks apply.
+            data = {k: v for k, v in resolve_template(dict(node.data), ctx).items() if v is not None}
             actions.append(SendMessage(
                 idempotency_key=step_key(instance, node.id), profile_id=instance.profile_id, channel=node.channel,
-                category=node.category, template_id=node.template, data=resolve_template(dict(node.data), ctx),
+                category=node.category, template_id=node.template, data=data,
                 journey_id=instance.journey_id, journey_version=instance.version, node_id=node.id,
                 instance_id=instance.instance_id, event_accepted_at=accepted_at))
             instance = _log(instance, now, node.id, "message_requested", f"{node.channel} template {node.template}")
             node_id = node.next
             continue
         if isinstance(node, WebhookNode):
-            data = {"url": node.url, "method": node.method, "body": resolve_template(dict(node.body), ctx)}
+            hook = {"url": node.url, "method": node.method, "body": resolve_template(dict(node.body), ctx)}
             actions.append(SendMessage(
                 idempotency_key=step_key(instance, node.id), profile_id=instance.profile_id, channel="webhook",
-                category="transactional", template_id="webhook", data=data, journey_id=instance.journey_id,
+                category="transactional", template_id="webhook", data=hook, journey_id=instance.journey_id,
                 journey_version=instance.version, node_id=node.id, instance_id=instance.instance_id,
                 event_accepted_at=accepted_at))
             instance = _log(instance, now, node.id, "webhook_requested", node.url)

@@ -1,0 +1,97 @@
+"""Wiring of the journeys service: settings → adapters (Cassandra stores, Redis profiles, Kafka producer) →
+the engine runner, timer poller and faust agent → the API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from fastapi import FastAPI
+
+from loyalist.http import create_service_app
+from loyalist.service import Resources
+from loyalist.settings import Settings
+from loyalist.topics import JOURNEY_TIMERS
+from services.journeys.api import backtest_router, journeys_router
+from services.journeys.domain.stats import summarize
+from services.journeys.gauges import publish_stats
+from services.journeys.history import EventHistory
+from services.journeys.runner import JourneyRunner, Registry
+from services.journeys.store import InstanceStore, JourneyStore, TimerStore
+from services.journeys.streams import RunnerHolder, build_stream_app, owned_partitions
+from services.journeys.timers import TimerPoller
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Marketer-configured journeys run as durable state machines, one instance per customer (and
+entry key), exactly once per step across restarts.
+
+* **Journeys**: `POST /v1/journeys` (a definition: entry, nodes, exit rules, goal), `PUT /v1/journeys/{id}`
+  (a new version; running instances keep theirs), `POST /v1/journeys/{id}/activate|pause|archive`, `DELETE`.
+  Invalid definitions answer 400 with the offending node.
+* **Templates**: `GET /v1/journeys/templates`, `POST /v1/journeys/from-template/{template_id}` with parameters
+  (durations in ISO 8601, e.g. `{"first_reminder_after": "PT5S"}`).
+* **Measurement**: `GET /v1/journeys/{id}/stats` (per node entered / waiting / exited / converted, attributed
+  revenue, treated-vs-holdout uplift with a 95% confidence interval), `GET /v1/journeys/{id}/instances`.
+* **Backtest**: `POST /v1/journeys/{id}/backtest` or `POST /v1/backtests` over a past period, sending nothing.
+
+Bearer tokens with `journeys:read` / `journeys:write`. See docs/journeys.md.
+"""
+
+STATS_REFRESH_S = 30.0
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    holder = RunnerHolder()
+    stream_app = build_stream_app(settings, holder)
+    timers_topic = settings.topic(JOURNEY_TIMERS.name)
+    background: dict[str, object] = {}
+
+    async def on_start(resources: Resources, app: FastAPI) -> None:
+        journey_store = JourneyStore(resources.session)
+        instance_store = InstanceStore(resources.session)
+        timer_store = TimerStore(resources.session, settings.kafka_partitions)
+        registry = Registry(journey_store)
+        await registry.refresh()
+        holder.runner = JourneyRunner(settings, producer=resources.producer, redis=resources.redis,
+                                      registry=registry, instances=instance_store, timers=timer_store)
+        poller = TimerPoller(timer_store, resources.producer, timers_topic,
+                             lambda: owned_partitions(stream_app, timers_topic))
+        poller.start()
+        app.state.journey_store = journey_store
+        app.state.instance_store = instance_store
+        app.state.registry = registry
+        app.state.event_history = EventHistory(resources.session, settings.keyspace)
+        background["poller"] = poller
+
+        async def refresh_gauges() -> None:
+            while True:
+                await asyncio.sleep(STATS_REFRESH_S)
+                try:
+                    for row in list(registry.journeys.values()):
+                        if row.status == "active":
+                            publish_stats(row.journey_id, summarize(await instance_store.for_journey(row.journey_id)))
+                except Exception:
+                    log.exception("refreshing journey gauges")
+
+        background["gauges"] = asyncio.create_task(refresh_gauges(), name="journey-gauges")
+
+    async def on_stop(resources: Resources, app: FastAPI) -> None:
+        poller = background.get("poller")
+        if isinstance(poller, TimerPoller):
+            await poller.stop()
+        task = background.get("gauges")
+        if isinstance(task, asyncio.Task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    resources = Resources(settings, "journeys", cassandra=True, redis=True, producer=True, stream_app=stream_app,
+                          on_start=on_start, on_stop=on_stop)
+    app = create_service_app("journeys", title="Loyalist journeys", description=DESCRIPTION,
+                             lifespan=resources.lifespan)
+    app.include_router(journeys_router())
+    app.include_router(backtest_router())
+    return app
