@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 JSON = dict[str, Any]
 EMAIL_DOMAIN = "demo.loyalist.test"
+OBSERVATION_END = date(1998, 6, 30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +69,12 @@ def iso(day: date, hour: int = 12) -> str:
     return f"{day.isoformat()}T{hour:02d}:00:00Z"
 
 
-def order_event(order: Order) -> JSON:
+def order_event(order: Order, shift_days: int = 0) -> JSON:
+    day = order.date + timedelta(days=shift_days)
     unit = round(order.value / order.cds, 2) if order.cds else order.value
     return {
         "type": "track", "event": "Order Completed", "userId": user_id(order.customer),
-        "messageId": f"cdnow-order-{order.line}", "timestamp": iso(order.date),
+        "messageId": f"cdnow-order-{order.line}", "timestamp": iso(day),
         "properties": {
             "order_id": f"cdnow-{order.line}", "total": order.value, "revenue": order.value, "currency": "USD",
             "products": [{"product_id": "cd", "sku": "CD", "name": "Compact disc", "category": "Music",
@@ -92,8 +94,19 @@ def identify_event(customer: str, first_order: date) -> JSON:
     }
 
 
-def history_events(orders: list[Order]) -> Iterator[JSON]:
-    """Identify each customer just before their first order, then every order, all in time order."""
+def shift_to_end_today(today: date) -> int:
+    """Days to add so the history's observation end (1998-06-30) falls on ``today``: a shop owner's data is
+    recent, and recency, P(alive) and churn are measured against now.
+
+    >>> shift_to_end_today(date(1998, 7, 2))
+    2
+    """
+    return (today - OBSERVATION_END).days
+
+
+def history_events(orders: list[Order], shift_days: int = 0) -> Iterator[JSON]:
+    """Identify each customer just before their first order, then every order, all in time order (dates moved
+    by ``shift_days``; intervals between purchases are kept exactly)."""
     first: dict[str, date] = {}
     for o in orders:
         if o.customer not in first or o.date < first[o.customer]:
@@ -102,5 +115,5 @@ def history_events(orders: list[Order]) -> Iterator[JSON]:
     for o in sorted(orders, key=lambda o: (o.date, o.line)):
         if o.customer not in introduced:
             introduced.add(o.customer)
-            yield identify_event(o.customer, first[o.customer])
-        yield order_event(o)
+            yield identify_event(o.customer, first[o.customer] + timedelta(days=shift_days))
+        yield order_event(o, shift_days)

@@ -49,11 +49,8 @@ def private_stack(base: Settings | None = None) -> Iterator[tuple[Settings, Stac
     """Kafka, Cassandra and Redis of our own, on free ports, in a temporary home (jars shared read-only)."""
     base = base or Settings()
     home = Path(tempfile.mkdtemp(prefix="loyalist-chaos-"))
-    shared_jars = base.state_dir / "jars"
-    if shared_jars.exists():
-        (home / "jars").symlink_to(shared_jars, target_is_directory=True)
     settings = base.model_copy(update={
-        "home": home, "kafka_port": free_port(), "kafka_controller_port": free_port(),
+        "home": home, "jars_dir": base.jars_dir or base.state_dir / "jars", "kafka_port": free_port(), "kafka_controller_port": free_port(),
         "cassandra_port": free_port(), "cassandra_storage_port": free_port(), "cassandra_jmx_port": free_port(),
         "redis_port": free_port(),
     })
