@@ -12,6 +12,9 @@ from loyalist.settings import Settings
 from loyalist.topics import EVENTS_RAW
 from services.ingest.adapters.guard import IngestGuard
 from services.ingest.adapters.kafka_sink import EventSink
+from services.ingest.adapters.sources import SourceStore
+from services.ingest.api import sources as sources_api
+from services.ingest.api import webhooks
 from services.ingest.api.tracking import tracking_router
 from services.ingest.config import IngestConfig
 from services.ingest.domain.schemas import SchemaRegistry
@@ -24,6 +27,8 @@ DESCRIPTION = """Every fact Loyalist knows about a customer enters here.
   username (empty password) or `writeKey` in the body.
   A `200 {"success": true}` means Kafka acknowledged the event.
 * The same endpoints under the first-party prefix (default `/lp`) for proxying from the shop's domain.
+* **Webhooks** from Shopify, WooCommerce and Zendesk (HMAC-verified, per-shop secrets registered with
+  `POST /v1/sources`), and a generic **support** endpoint for any help desk.
 """
 
 
@@ -40,6 +45,10 @@ def create_app(settings: Settings | None = None, config: IngestConfig | None = N
         guard = IngestGuard(resources.redis, settings, rate_per_s=config.rate_limit_per_s,
                             burst=config.rate_limit_burst, dedup_ttl_s=config.dedup_ttl_s)
         app.state.ingestor = Ingestor(sink, guard, schemas, config)
+        sources = SourceStore(resources.session, ttl_s=config.shop_cache_ttl_s)
+        if settings.env == "development":
+            await register_dev_sources(sources, config)
+        app.state.sources = sources
 
     async def on_stop(resources: Resources, app: FastAPI) -> None:
         await sink.stop()
@@ -52,6 +61,8 @@ def create_app(settings: Settings | None = None, config: IngestConfig | None = N
     app.state.schemas = schemas
     app.include_router(tracking_router())
     app.include_router(tracking_router(config.first_party_prefix, include_in_schema=False))
+    app.include_router(webhooks.router)
+    app.include_router(sources_api.router)
     origins = config.cors_origin_list
     if origins:
         app.add_middleware(
@@ -60,3 +71,12 @@ def create_app(settings: Settings | None = None, config: IngestConfig | None = N
         )
     return app
 
+
+
+async def register_dev_sources(sources: SourceStore, config: IngestConfig) -> None:
+    """The documented development shop sources (see docs/ingest.md), so the local stack accepts signed
+    webhooks out of the box. Only in env=development."""
+    secret = config.dev_webhook_secret
+    await sources.put("shopify", config.dev_shopify_domain, "shopify", secret)
+    await sources.put("woocommerce", config.dev_woocommerce_url, "woocommerce", secret)
+    await sources.put("zendesk", "dev", "zendesk", secret)

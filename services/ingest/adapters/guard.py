@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import orjson
 from redis.asyncio import Redis
 
 from loyalist.settings import Settings
@@ -100,13 +101,31 @@ class IngestGuard:
             REDIS_DEGRADED.labels("remember").inc()
             log.warning("redis unavailable to record %d ids (%s); downstream dedups", len(message_ids), exc)
 
-    async def claim_once(self, key_parts: Sequence[str], ttl_s: int) -> bool:
-        """True unless this key (e.g. a webhook id) was already recorded; see :meth:`record_once`."""
+    async def remember_order_customer(self, platform: str, shop: str, order_id: str, who: dict[str, str],
+                                      ttl_s: int = 400 * 24 * 3600) -> None:
+        """Refund webhooks name only the order; remember whose order it was."""
         try:
-            return not bool(await self.redis.exists(self.settings.redis_key("ingest", *key_parts)))
+            await self.redis.set(self.settings.redis_key("ingest", "order", platform, shop, order_id),
+                                 orjson.dumps(who), ex=ttl_s)
+        except Exception:
+            REDIS_DEGRADED.labels("order_index").inc()
+
+    async def order_customer(self, platform: str, shop: str, order_id: str) -> dict[str, str] | None:
+        try:
+            raw = await self.redis.get(self.settings.redis_key("ingest", "order", platform, shop, order_id))
+        except Exception:
+            REDIS_DEGRADED.labels("order_index").inc()
+            return None
+        return orjson.loads(raw) if raw else None
+
+    async def seen_once(self, key_parts: Sequence[str]) -> bool:
+        """True when this key (e.g. a webhook delivery id) was recorded by :meth:`record_once` — only after
+        its events were acknowledged, so a failed delivery is processed again on the platform's retry."""
+        try:
+            return bool(await self.redis.exists(self.settings.redis_key("ingest", *key_parts)))
         except Exception:
             REDIS_DEGRADED.labels("claim").inc()
-            return True
+            return False
 
     async def record_once(self, key_parts: Sequence[str], ttl_s: int) -> None:
         try:
