@@ -58,7 +58,7 @@ def install(app: FastAPI, stream_app: faust.App, resources: Resources,
     config = config or LoyaltySettings()
     get_service = _Lazy(resources, config)
     app.state.loyalty = get_service
-    app.include_router(build_router(get_service))
+    app.include_router(build_router())
     register_streams(stream_app, resources.settings, config, get_service)
 
 

@@ -61,14 +61,20 @@ class AdjustmentIn(BaseModel):
     idempotency_key: IdempotencyKey | None = None
 
 
-def _service_dependency(get: Callable[[], LoyaltyService]) -> Callable[[], LoyaltyService]:
-    def dependency() -> LoyaltyService:
-        try:
-            return get()
-        except RuntimeError as exc:
-            raise ApiError(503, "not_ready", str(exc)) from exc
+def loyalty_service(request: Request) -> LoyaltyService:
+    """FastAPI dependency: the loyalty service of this app (built on first use, see ``install``)."""
+    get: Callable[[], LoyaltyService] | None = getattr(request.app.state, "loyalty", None)
+    if get is None:
+        raise ApiError(503, "not_ready", "loyalty is not installed in this service")
+    try:
+        return get()
+    except RuntimeError as exc:
+        raise ApiError(503, "not_ready", str(exc)) from exc
 
-    return dependency
+
+Service = Annotated[LoyaltyService, Depends(loyalty_service)]
+Reader = Annotated[Credential, Depends(require_scope("loyalty:read"))]
+Writer = Annotated[Credential, Depends(require_scope("loyalty:write"))]
 
 
 def _line_json(line: LedgerLine) -> dict[str, Any]:
@@ -107,12 +113,9 @@ def account_json(ledger: Ledger, program: Program | None, now: datetime) -> dict
     return out
 
 
-def build_router(get_service: Callable[[], LoyaltyService]) -> APIRouter:
+def build_router() -> APIRouter:
+    """The ``/v1/loyalty`` routes; the app's ``state.loyalty`` supplies the service."""
     router = APIRouter(prefix="/v1/loyalty", tags=["loyalty"], responses=RESPONSES)
-    service_dep = _service_dependency(get_service)
-    Service = Annotated[LoyaltyService, Depends(service_dep)]
-    Reader = Annotated[Credential, Depends(require_scope("loyalty:read"))]
-    Writer = Annotated[Credential, Depends(require_scope("loyalty:write"))]
 
     async def _program_or_404(service: LoyaltyService) -> Program:
         program = await service.current_program()

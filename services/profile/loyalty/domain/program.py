@@ -26,6 +26,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from loyalist.events import as_utc
+
 ActionPeriod = Literal["lifetime", "year", "month", "day"]
 CapPeriod = Literal["day", "month", "year"]
 RewardKind = Literal["discount_code", "free_shipping", "gift"]
@@ -159,6 +161,12 @@ class Program(ProgramDefinition):
     effective_from: datetime
     created_at: datetime
     created_by: str = ""
+
+    @field_validator("effective_from", "created_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        # Cassandra hands timestamps back naive (they are UTC).
+        return as_utc(value)
 
 
 def effective_program(versions: list[Program], at: datetime) -> Program | None:
