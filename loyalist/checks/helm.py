@@ -161,10 +161,13 @@ def check_coherence(out: Rendered, promtool: str | None) -> None:
         pod = spec["template"]["spec"]
         for container in pod["containers"]:
             ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+            is_service = str(container.get("command", [""])[-1]).startswith("services.")
             for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
                 get = (container.get(probe) or {}).get("httpGet") or {}
-                if get.get("path") != path:
+                if is_service and get.get("path") != path:
                     out.problem(f"Deployment/{name}: {probe} must GET {path}")
+                elif not get:
+                    out.problem(f"Deployment/{name}: no HTTP {probe}")
                 if get.get("port") not in ports and get.get("port") not in ports.values():
                     out.problem(f"Deployment/{name}: {probe} port {get.get('port')!r} is not a container port")
             if not (container.get("resources") or {}).get("requests"):
@@ -236,8 +239,10 @@ def _check_monitoring(out: Rendered, services: dict[str, Any], promtool: str | N
         spec = monitor["spec"]
         selected = [s for s in services.values()
                     if _matches(spec["selector"].get("matchLabels", {}), s["metadata"].get("labels", {}))]
-        if len(selected) != sum(1 for n in SERVICE_NAMES if out.values["services"][n]["enabled"]):
-            out.problem(f"ServiceMonitor: selects {len(selected)} Services, expected every enabled service")
+        expected = sum(1 for n in SERVICE_NAMES if out.values["services"][n]["enabled"])
+        expected += 1 if out.values.get("lagExporter", {}).get("enabled") else 0
+        if len(selected) != expected:
+            out.problem(f"ServiceMonitor: selects {len(selected)} Services, expected {expected} (every enabled one)")
         for svc in selected:
             if spec.get("jobLabel") and spec["jobLabel"] not in svc["metadata"].get("labels", {}):
                 out.problem(f"ServiceMonitor: Service {svc['metadata']['name']} lacks jobLabel {spec['jobLabel']}")

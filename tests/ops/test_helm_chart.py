@@ -41,7 +41,7 @@ def test_default_and_production_values_pass_lint_template_and_schema_validation(
     assert set(rendered) == {"default values", "production-values.yaml"}
     for out in rendered.values():
         assert out.problems == [], "\n".join(out.problems)
-        assert len(out.of_kind("Deployment")) == 5
+        assert len(out.of_kind("Deployment")) == 6  # five services + the lag exporter
 
 
 def test_default_install_points_at_external_infrastructure_only(rendered: dict[str, Rendered]) -> None:
