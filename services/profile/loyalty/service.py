@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -39,6 +40,7 @@ from services.profile.loyalty.domain import (
     LedgerEvent,
     LoyaltyError,
     Program,
+    ProgramDefinition,
     Redeem,
     Tick,
     command_for,
@@ -49,6 +51,7 @@ from services.profile.loyalty.domain import (
     next_review_at,
 )
 from services.profile.loyalty.domain.ledger import redemption_to_dict
+from services.profile.loyalty.example_program import EXAMPLE_PROGRAM
 from services.profile.loyalty.settings import LoyaltySettings
 from services.profile.loyalty.store import LedgerLine, LedgerStore, ProgramStore
 
@@ -325,25 +328,41 @@ class LoyaltyService:
         handled = 0
         limiter = asyncio.Semaphore(self.config.concurrency)
 
-        async def tick(shard: int, due_at: datetime, profile_id: str) -> None:
+        async def tick(shard: int, due_at: datetime, profile_id: str) -> bool:
             async with limiter:
                 try:
                     await self.handle(profile_id, Tick(), now)
                 except Exception:
                     log.exception("scheduled tick of %s failed; it stays due", profile_id)
-                    return
+                    return False
                 await self.store.unschedule(shard, due_at, profile_id)
+                return True
 
         for shard in range(self.store.due_shards):
             while True:
                 rows = await self.store.due(shard, now, limit)
                 if not rows:
                     break
-                await asyncio.gather(*(tick(shard, due_at, pid) for due_at, pid in rows))
-                handled += len(rows)
-                if len(rows) < limit:
+                done = sum(await asyncio.gather(*(tick(shard, due_at, pid) for due_at, pid in rows)))
+                handled += done
+                if len(rows) < limit or done == 0:  # a page of failures waits for the next run
                     break
         return handled
+
+    async def bootstrap_program(self, source: str) -> Program | None:
+        """Store ``source`` (``example`` or a JSON file) as version 1 when no program exists yet."""
+        if await self.programs.versions(fresh=True):
+            return None
+        if source == "example":
+            body = dict(EXAMPLE_PROGRAM)
+        else:
+            body = orjson.loads(await asyncio.to_thread(Path(source).read_bytes))
+        effective_from = body.pop("effective_from", "1970-01-01T00:00:00Z")
+        definition = ProgramDefinition.model_validate(body)
+        return await self.programs.create_first(
+            definition, effective_from=datetime.fromisoformat(effective_from.replace("Z", "+00:00")),
+            actor="bootstrap", now=self.clock(),
+        )
 
     # ---- redemption helper ------------------------------------------------------------------------------
     def redeem_command(self, profile_id: str, reward_id: str, idempotency_key: str) -> Redeem:

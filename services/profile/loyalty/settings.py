@@ -21,6 +21,9 @@ class LoyaltySettings(BaseSettings):
     max_attempts: int = Field(default=200, ge=1)
     batch_size: int = Field(default=200, ge=1)
     concurrency: int = Field(default=32, ge=1)
+    # Store this program as version 1 at startup when none exists: "example" (the shipped example program,
+    # services/profile/loyalty/example_program.py) or the path of a JSON program definition.
+    bootstrap_program: str | None = None
     code_prefix: str = Field(default="LOY", pattern=r"^[A-Z0-9]{1,8}$")
 
 

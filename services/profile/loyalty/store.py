@@ -243,3 +243,14 @@ class ProgramStore:
                                                "effective_from": effective_from, "created_at": now,
                                                "created_by": actor})
         raise RuntimeError("could not store a program version under contention")
+
+    async def create_first(self, definition: ProgramDefinition, *, effective_from: datetime, actor: str,
+                           now: datetime) -> Program | None:
+        """Store version 1 unless any replica already did (bootstrap). None when it existed."""
+        body = orjson.dumps(definition.model_dump(mode="json")).decode()
+        rows = await execute(self.session, self._insert, (PROGRAM_ID, 1, effective_from, body, now, actor))
+        self._cached = None
+        if not (rows and rows[0].get("[applied]")):
+            return None
+        return Program.model_validate({**definition.model_dump(), "version": 1, "effective_from": effective_from,
+                                       "created_at": now, "created_by": actor})

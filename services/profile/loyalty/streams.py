@@ -32,6 +32,16 @@ def register_streams(
             await get_service().process_resolved(list(values))
             yield None
 
+    @stream_app.task
+    async def loyalty_bootstrap() -> None:
+        if config.bootstrap_program:
+            try:
+                program = await get_service().bootstrap_program(config.bootstrap_program)
+                if program is not None:
+                    log.info("loyalty program version 1 stored from %s", config.bootstrap_program)
+            except Exception:
+                log.exception("storing the bootstrap loyalty program failed")
+
     @stream_app.timer(interval=config.schedule_interval_s, on_leader=True, name="loyalty_schedule")
     async def loyalty_schedule() -> None:
         try:
