@@ -25,7 +25,9 @@ class RunnerHolder:
 
 def build_stream_app(settings: Settings, holder: RunnerHolder, *, batch: int = 500,
                      within_s: float = 0.02) -> faust.App:
-    app = make_stream_app(settings, "journeys")
+    # A short session timeout: when a worker dies, its customers (and their timers) move to the others within
+    # seconds rather than a minute.
+    app = make_stream_app(settings, "journeys", broker_session_timeout=10.0, broker_heartbeat_interval=2.0)
     names = [settings.topic(t.name) for t in (EVENTS_RESOLVED, SEGMENT_MEMBERSHIP, JOURNEY_TIMERS, PROFILE_CHANGED)]
     topic = app.topic(*names, key_serializer="raw", value_serializer="raw")
 

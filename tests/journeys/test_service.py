@@ -9,7 +9,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 
@@ -172,7 +171,8 @@ def test_abandoned_checkout_one_reminder_across_kill_and_restart(
     with journeys.client(headers=api_headers) as c:
         history = c.get(f"/v1/journeys/{jid}/instances", params={"profile_id": buyer}).json()["instances"][0]
         assert history["status"] == "completed" and history["converted_at"] is not None
-        assert [h["what"] for h in history["history"]][:3] == ["entered", "waiting", "event_received"]
+        assert [h["what"] for h in history["history"]] == ["entered", "waiting", "converted", "event_received",
+                                                           "completed"]
 
         def stats_ready() -> dict[str, Any] | None:
             s = c.get(f"/v1/journeys/{jid}/stats").json()
@@ -264,6 +264,3 @@ def test_backtest_over_given_history(journeys: Any, api_headers: dict[str, str])
         # nothing was sent: the backtest journey is a draft and its stats are empty
         assert c.get(f"/v1/journeys/{jid}/stats").json()["entered"] == 0
 
-
-def test_message_request_values_are_valid_json_objects(journeys: Any) -> None:
-    assert httpx.get(f"{journeys.url}/readyz").status_code == 200
