@@ -18,8 +18,10 @@ from services.profile.loyalty.domain import (
     POINTS_EXPIRED,
     POINTS_REDEEMED,
     TIER_CHANGED,
+    AbsorbLedger,
     Adjust,
     CancelOrder,
+    CloseLedger,
     Command,
     CompleteOrder,
     IdempotencyConflict,
@@ -395,3 +397,34 @@ def test_commands_from_canonical_events() -> None:
 def test_invalid_programs_are_refused_with_a_reason(patch: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         ProgramDefinition.model_validate(patch)
+
+
+# ---- merges ------------------------------------------------------------------------------------------
+
+
+def test_merge_moves_points_with_their_expiry_orders_and_tier() -> None:
+    prog = program()
+    later = T0 + timedelta(days=30)
+    other, _ = run([order("oa", "1200"), (RecordAction("r1", "Product Reviewed", "sku", T0), T0)],
+                   ledger=Ledger("anon"))
+    assert other.tier == "gold" and other.balance == 1250
+    survivor, _ = run([order("ob", "100", at=later)])
+    merge_at = later + timedelta(days=1)
+    absorbed = decide(AbsorbLedger(other, merge_at), survivor, prog, merge_at)
+    assert [(e.kind, e.points, e.reason) for e in absorbed] == [
+        (POINTS_ADJUSTED, 1250, "merge"), (TIER_CHANGED, 0, "merge")]
+    survivor = fold_all(survivor, absorbed)
+    assert survivor.balance == 1350 and survivor.tier == "gold" and survivor.lifetime_points == 1350
+    # The moved lots keep their own expiry instants.
+    assert min(lot.expires_at for lot in survivor.lots if lot.expires_at) == datetime(2025, 3, 1, 12, tzinfo=UTC)
+    # Processing the merge again changes nothing; a refund of the other profile's order claws back here;
+    # the other profile's review does not earn twice.
+    assert decide(AbsorbLedger(other, merge_at), survivor, prog, merge_at) == []
+    assert decide(RecordAction("r1b", "Product Reviewed", "sku", merge_at), survivor, prog, merge_at) == []
+    claw = decide(RefundOrder("rf", "oa", None, None, merge_at), survivor, prog, merge_at)
+    assert claw[0].points == -1200
+
+    closed = decide(CloseLedger("p1", other, merge_at), other, prog, merge_at)
+    other = fold_all(other, closed)
+    assert other.balance == 0 and other.tier == "member" and other.lifetime_points == 0
+    assert decide(CloseLedger("p1", other, merge_at), other, prog, merge_at) == []

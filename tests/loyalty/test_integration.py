@@ -492,3 +492,30 @@ async def test_program_versions_and_report(
         assert report["accounts"] >= 1 and report["points_liability"] >= 0
         assert sum(report["tier_distribution"].values()) == report["accounts"]
         assert report["currency"] == "USD"
+
+
+async def test_a_merge_on_events_resolved_moves_the_points_to_the_survivor(
+    replicas: list[Replica], program_defined: dict[str, Any], stack_settings: Settings,
+) -> None:
+    survivor, other = f"p-{uuid.uuid4().hex[:10]}", f"p-{uuid.uuid4().hex[:10]}"
+    async with httpx.AsyncClient(base_url=replicas[0].url, headers=_headers(stack_settings), timeout=30) as client:
+        for pid, points in ((survivor, 40), (other, 300)):
+            r = await client.post(f"/v1/loyalty/accounts/{pid}/adjustments",
+                                  json={"points": points, "reason": "before merge", "idempotency_key": "m"})
+            assert r.status_code == 201
+        producer = make_producer(stack_settings, client_id="loyalty-test")
+        await producer.start()
+        try:
+            message = {"profileId": survivor, "merge": {"survivor": survivor, "merged": [other], "reason": "email"},
+                       "resolvedAt": utcnow().isoformat(), "at": utcnow().isoformat()}
+            for _ in range(2):  # delivered twice: moved once
+                await producer.send_and_wait(stack_settings.topic(EVENTS_RESOLVED.name), orjson.dumps(message),
+                                             key=survivor.encode())
+        finally:
+            await producer.stop()
+        account = await _wait_account(client, survivor, 2)
+        assert account["balance"] == 340
+        closed = await _wait_account(client, other, 2)
+        assert closed["balance"] == 0
+        await asyncio.sleep(1)
+        assert (await client.get(f"/v1/loyalty/accounts/{survivor}")).json()["balance"] == 340

@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaProducer
 from cassandra import OperationTimedOut, Unavailable, WriteTimeout
 from cassandra.cluster import NoHostAvailable
 
-from loyalist.events import Event, decode_event, encode_event
+from loyalist.events import Event, as_utc, decode_event, encode_event
 from loyalist.metrics import KAFKA_PRODUCED
 from loyalist.settings import Settings
 from loyalist.topics import EVENTS_RAW
@@ -35,6 +35,8 @@ from services.profile.loyalty import metrics
 from services.profile.loyalty.domain import (
     LOYALTY_SOURCE,
     TIER_CHANGED,
+    AbsorbLedger,
+    CloseLedger,
     Command,
     Ledger,
     LedgerEvent,
@@ -60,6 +62,12 @@ log = logging.getLogger(__name__)
 _MESSAGE_NAMESPACE = uuid.UUID("6f1c2b0e-4c55-4a55-9a53-6c6f79616c74")
 _PUBLISH_RETRY = timedelta(seconds=30)
 _UNCERTAIN = (WriteTimeout, Unavailable, OperationTimedOut, NoHostAvailable)
+
+
+@dataclass(frozen=True)
+class _Merge:
+    merged: list[str]
+    at: datetime
 
 
 class Contended(Exception):
@@ -272,16 +280,35 @@ class LoyaltyService:
             return None
         return await self.handle(profile_id, command)
 
+    async def handle_merge(self, survivor: str, merged: list[str], at: datetime) -> None:
+        """Move each merged profile's ledger to the survivor: absorb on the survivor, then close the other.
+        Both steps are idempotent, so a crash between them is repaired by processing the merge again."""
+        for other in merged:
+            if other == survivor:
+                continue
+            snapshot, _ = await self.store.load(other)
+            if snapshot.seq == 0:
+                continue
+            await self.handle(survivor, AbsorbLedger(snapshot, at))
+            await self.handle(other, CloseLedger(survivor, snapshot, at))
+
     async def process_resolved(self, values: list[bytes]) -> int:
         """A batch from ``events.resolved``: per customer in order, customers concurrently.
         Transient failures are retried here until they succeed (the batch is acknowledged after)."""
-        per_profile: dict[str, list[Event]] = {}
+        per_profile: dict[str, list[Event | _Merge]] = {}
         for raw in values:
             try:
                 message = orjson.loads(raw)
                 profile_id = message["profileId"]
+                if "merge" in message:
+                    merge = message["merge"]
+                    at = message.get("at") or message.get("resolvedAt")
+                    when = datetime.fromisoformat(str(at).replace("Z", "+00:00")) if at else self.clock()
+                    per_profile.setdefault(str(merge.get("survivor") or profile_id), []).append(
+                        _Merge([str(m) for m in merge.get("merged", [])], as_utc(when)))
+                    continue
                 if "event" not in message:
-                    metrics.STREAM_SKIPPED.labels("merge" if "merge" in message else "no_event").inc()
+                    metrics.STREAM_SKIPPED.labels("no_event").inc()
                     continue
                 event = decode_event(message["event"])
             except Exception:
@@ -294,7 +321,7 @@ class LoyaltyService:
             per_profile.setdefault(str(profile_id), []).append(event)
         limit = asyncio.Semaphore(self.config.concurrency)
 
-        async def one_profile(profile_id: str, events: list[Event]) -> int:
+        async def one_profile(profile_id: str, events: list[Event | _Merge]) -> int:
             done = 0
             async with limit:
                 for event in events:
@@ -305,11 +332,14 @@ class LoyaltyService:
         counts = await asyncio.gather(*(one_profile(p, evs) for p, evs in per_profile.items()))
         return sum(counts)
 
-    async def _until_done(self, profile_id: str, event: Event) -> None:
+    async def _until_done(self, profile_id: str, item: Event | _Merge) -> None:
         delay = 0.2
         while True:
             try:
-                await self.handle_event(profile_id, event)
+                if isinstance(item, _Merge):
+                    await self.handle_merge(profile_id, item.merged, item.at)
+                else:
+                    await self.handle_event(profile_id, item)
                 return
             except Contended:
                 log.warning("ledger of %s contended; retrying", profile_id)
@@ -317,7 +347,7 @@ class LoyaltyService:
                 if isinstance(exc, LoyaltyError):  # a refused fact is final, not transient
                     metrics.STREAM_SKIPPED.labels(exc.code).inc()
                     return
-                log.exception("loyalty processing of %s failed; retrying in %.1fs", event.message_id, delay)
+                log.exception("loyalty processing for %s failed; retrying in %.1fs", profile_id, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 

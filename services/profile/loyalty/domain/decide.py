@@ -109,7 +109,25 @@ class Tick:
     """Catch up on time only: expiries and tier reviews due by ``now``."""
 
 
-Command = CompleteOrder | RefundOrder | CancelOrder | RecordAction | Redeem | Adjust | Tick
+@dataclass(frozen=True, slots=True)
+class AbsorbLedger:
+    """Identity resolution merged ``merged`` (the other profile's ledger as read) into this profile."""
+
+    merged: Ledger
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CloseLedger:
+    """The other half of a merge: this profile's points now live on ``survivor_profile_id``."""
+
+    survivor_profile_id: str
+    absorbed: Ledger
+    at: datetime
+
+
+Command = (CompleteOrder | RefundOrder | CancelOrder | RecordAction | Redeem | Adjust | Tick | AbsorbLedger
+           | CloseLedger)
 
 
 # ---- errors (the API turns them into 4xx) -----------------------------------------------------------
@@ -207,6 +225,10 @@ def decide(command: Command, ledger: Ledger, program: Program | None, now: datet
             take(_redeem(command, state, program, now))
         case Adjust():
             take(_adjust(command, state, program, now))
+        case AbsorbLedger():
+            take(_absorb(command, state, program))
+        case CloseLedger():
+            take(_close(command, state, program))
         case Tick():
             pass
     if program is not None:
@@ -284,6 +306,8 @@ def _reviews(ledger: Ledger, program: Program, until: datetime) -> list[LedgerEv
 
 
 def _upgrade(ledger: Ledger, program: Program, at: datetime) -> list[LedgerEvent]:
+    if any(key.startswith("merged-into:") for key in ledger.action_keys):
+        return []  # a ledger merged into another one keeps no tier of its own
     deserved = qualified_rank(ledger, program, at)
     if deserved > program.tier_rank(ledger.tier):
         return [_tier_event(ledger, program, at, program.tiers[deserved].name, "upgrade")]
@@ -456,6 +480,52 @@ def _adjust(cmd: Adjust, ledger: Ledger, program: Program | None, now: datetime)
         new_lot=new_lot, consumed=_consume(ledger, -cmd.points) if cmd.points < 0 else (),
         idempotency_key=cmd.idempotency_key, actor=cmd.actor, note=cmd.reason,
     )]
+
+
+def _absorb(cmd: AbsorbLedger, ledger: Ledger, program: Program | None) -> list[LedgerEvent]:
+    """Move the merged ledger's lots (keeping their expiry), orders (so later refunds still claw back),
+    qualifying history and the better tier into this ledger."""
+    other = cmd.merged
+    key = f"merge:{other.profile_id}"
+    if key in ledger.action_keys or other.profile_id == ledger.profile_id or other.seq == 0:
+        return []
+    lots = tuple(replace(lot, lot_id=f"{other.profile_id}/{lot.lot_id}") for lot in other.lots_fifo())
+    events = [LedgerEvent(
+        event_id=key, kind=POINTS_ADJUSTED, profile_id=ledger.profile_id, at=cmd.at,
+        points=sum(lot.remaining for lot in lots), lifetime_delta=other.lifetime_points, reason="merge",
+        program_version=program.version if program else None, lots_added=lots,
+        orders_added=tuple(o for o in other.orders.values() if o.order_id not in ledger.orders),
+        qualifying_added=other.qualifying, action_key=key,
+        # Bonuses the other profile already had stay earned once (a re-sent review earns nothing twice).
+        action_keys_added=tuple(k for k in other.action_keys if not k.startswith("merge")),
+        details={"merged_profile_id": other.profile_id, "merged_ledger_seq": other.seq},
+    )]
+    if program is not None and program.tier_rank(other.tier) > program.tier_rank(ledger.tier):
+        after = fold(ledger, events[0])
+        events.append(replace(_tier_event(after, program, cmd.at, program.tier(other.tier).name, "merge"),
+                              event_id=f"tier:merge:{other.profile_id}"))
+    return events
+
+
+def _close(cmd: CloseLedger, ledger: Ledger, program: Program | None) -> list[LedgerEvent]:
+    key = f"merged-into:{cmd.survivor_profile_id}"
+    if key in ledger.action_keys:
+        return []
+    moved = min(ledger.balance, cmd.absorbed.balance)
+    entry = program.tiers[0].name if program is not None else None
+    events = [LedgerEvent(
+        event_id=key, kind=POINTS_ADJUSTED, profile_id=ledger.profile_id, at=cmd.at, points=-moved,
+        lifetime_delta=-cmd.absorbed.lifetime_points, reason="merged_into",
+        program_version=program.version if program else None, consumed=_consume(ledger, moved), action_key=key,
+        details={"survivor_profile_id": cmd.survivor_profile_id},
+    )]
+    if program is not None and program.tier_rank(ledger.tier) > 0 and entry is not None:
+        events.append(LedgerEvent(
+            event_id=f"tier:merged-into:{cmd.survivor_profile_id}", kind=TIER_CHANGED, profile_id=ledger.profile_id,
+            at=cmd.at, points=0, reason="merged_into", program_version=program.version,
+            tier_from=program.tier(ledger.tier).name, tier_to=entry,
+        ))
+    return events
 
 
 def replay(events: list[LedgerEvent], profile_id: str) -> Ledger:

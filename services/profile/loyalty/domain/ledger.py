@@ -123,6 +123,11 @@ class LedgerEvent:
     note: str | None = None
     source_message_id: str | None = None
     unrecovered: int = 0  # clawback points the balance could not cover
+    # A merge moves another ledger's lots, orders and qualifying history into this one.
+    lots_added: tuple[Lot, ...] = ()
+    orders_added: tuple[OrderPoints, ...] = ()
+    qualifying_added: tuple[Qualifying, ...] = ()
+    action_keys_added: tuple[str, ...] = ()
     details: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -158,19 +163,24 @@ def fold(ledger: Ledger, event: LedgerEvent) -> Ledger:
     lots = {lot.lot_id: lot for lot in ledger.lots}
     if event.new_lot is not None and event.new_lot.remaining > 0:
         lots[event.new_lot.lot_id] = event.new_lot
+    for lot in event.lots_added:
+        lots[lot.lot_id] = lot
     for change in event.consumed:
         lot = lots[change.lot_id]
         lots[change.lot_id] = replace(lot, remaining=lot.remaining + change.points)
     kept_lots = tuple(sorted((lot for lot in lots.values() if lot.remaining > 0), key=_lot_order))
 
     orders = ledger.orders
-    if event.order is not None:
-        orders = {**orders, event.order.order_id: event.order}
+    if event.order is not None or event.orders_added:
+        orders = {**{o.order_id: o for o in event.orders_added}, **orders}
+        if event.order is not None:
+            orders[event.order.order_id] = event.order
 
     qualifying = ledger.qualifying
-    if event.qualifying is not None:
+    if event.qualifying is not None or event.qualifying_added:
         horizon = event.at - _QUALIFYING_HORIZON
-        qualifying = tuple(q for q in (*qualifying, event.qualifying) if q.at > horizon)
+        added = (*event.qualifying_added, *((event.qualifying,) if event.qualifying is not None else ()))
+        qualifying = tuple(sorted((q for q in (*qualifying, *added) if q.at > horizon), key=lambda q: q.at))
 
     cap_totals = ledger.cap_totals
     if event.cap_usage:
@@ -182,8 +192,10 @@ def fold(ledger: Ledger, event: LedgerEvent) -> Ledger:
         cap_totals = totals
 
     action_keys = ledger.action_keys
-    if event.action_key is not None:
-        action_keys = {**action_keys, event.action_key: event.at}
+    if event.action_key is not None or event.action_keys_added:
+        action_keys = {**{k: event.at for k in event.action_keys_added}, **action_keys}
+        if event.action_key is not None:
+            action_keys[event.action_key] = event.at
 
     redemptions = ledger.redemptions
     if event.redemption is not None:
@@ -316,6 +328,10 @@ def event_to_dict(e: LedgerEvent) -> dict[str, Any]:
         "redemption": redemption_to_dict(e.redemption) if e.redemption else None,
         "idempotency_key": e.idempotency_key, "actor": e.actor, "note": e.note,
         "source_message_id": e.source_message_id, "unrecovered": e.unrecovered, "details": dict(e.details),
+        "lots_added": [_lot_to(lot) for lot in e.lots_added],
+        "orders_added": [_order_to(o) for o in e.orders_added],
+        "qualifying_added": [_qual_to(q) for q in e.qualifying_added],
+        "action_keys_added": list(e.action_keys_added),
     }
 
 
@@ -333,6 +349,10 @@ def event_from_dict(d: Mapping[str, Any]) -> LedgerEvent:
         redemption=_redemption_from(d["redemption"]) if d["redemption"] else None,
         idempotency_key=d["idempotency_key"], actor=d["actor"], note=d["note"],
         source_message_id=d["source_message_id"], unrecovered=int(d["unrecovered"]), details=dict(d["details"]),
+        lots_added=tuple(_lot_from(x) for x in d.get("lots_added", ())),
+        orders_added=tuple(_order_from(o) for o in d.get("orders_added", ())),
+        qualifying_added=tuple(_qual_from(q) for q in d.get("qualifying_added", ())),
+        action_keys_added=tuple(d.get("action_keys_added", ())),
     )
 
 
