@@ -13,8 +13,8 @@ from loyalist.topics import EVENTS_RAW
 from services.ingest.adapters.guard import IngestGuard
 from services.ingest.adapters.kafka_sink import EventSink
 from services.ingest.adapters.sources import SourceStore
+from services.ingest.api import sdk, webhooks
 from services.ingest.api import sources as sources_api
-from services.ingest.api import webhooks
 from services.ingest.api.tracking import tracking_router
 from services.ingest.config import IngestConfig
 from services.ingest.domain.schemas import SchemaRegistry
@@ -58,11 +58,15 @@ def create_app(settings: Settings | None = None, config: IngestConfig | None = N
     app = create_service_app("ingest", title="Loyalist ingest", description=DESCRIPTION,
                              lifespan=resources.lifespan)
     app.state.config = config
+    app.state.settings = settings
     app.state.schemas = schemas
     app.include_router(tracking_router())
     app.include_router(tracking_router(config.first_party_prefix, include_in_schema=False))
     app.include_router(webhooks.router)
     app.include_router(sources_api.router)
+    app.include_router(sdk.router)
+    # The tracker's first-party copy, next to the first-party tracking endpoints.
+    app.add_api_route(f"{config.first_party_prefix}/l.js", sdk.tracker, methods=["GET"], include_in_schema=False)
     origins = config.cors_origin_list
     if origins:
         app.add_middleware(
