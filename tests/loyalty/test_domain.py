@@ -428,3 +428,23 @@ def test_merge_moves_points_with_their_expiry_orders_and_tier() -> None:
     other = fold_all(other, closed)
     assert other.balance == 0 and other.tier == "member" and other.lifetime_points == 0
     assert decide(CloseLedger("p1", other, merge_at), other, prog, merge_at) == []
+
+
+# ---- birthday bonus ------------------------------------------------------------------------------------
+
+
+def test_birthday_bonus_once_a_year_within_the_grace_period() -> None:
+    prog = program(action_bonuses=[{"event": "Birthday", "points": 200, "once_per": "year"}])
+    on_the_day = datetime(2024, 7, 14, 0, 5, tzinfo=UTC)
+    events = decide(Tick(birthday=(7, 14)), Ledger("p1"), prog, on_the_day)
+    assert [(e.points, e.at, e.reason) for e in events] == [(200, datetime(2024, 7, 14, tzinfo=UTC), "action")]
+    ledger = fold_all(Ledger("p1"), events)
+    assert decide(Tick(birthday=(7, 14)), ledger, prog, on_the_day + timedelta(days=2)) == []
+    # A shop's own "Birthday" event the same year does not pay twice.
+    assert decide(RecordAction("b", "Birthday", None, on_the_day), ledger, prog, on_the_day) == []
+    # Too late (past the grace period) or no bonus in the program: nothing.
+    assert decide(Tick(birthday=(7, 14)), Ledger("p1"), prog, on_the_day + timedelta(days=8)) == []
+    assert decide(Tick(birthday=(7, 14)), Ledger("p1"), program(), on_the_day) == []
+    # 29 February counts on the 28th in other years.
+    leap = decide(Tick(birthday=(2, 29)), Ledger("p1"), prog, datetime(2025, 2, 28, 1, tzinfo=UTC))
+    assert leap[0].at == datetime(2025, 2, 28, tzinfo=UTC)

@@ -519,3 +519,35 @@ async def test_a_merge_on_events_resolved_moves_the_points_to_the_survivor(
         assert closed["balance"] == 0
         await asyncio.sleep(1)
         assert (await client.get(f"/v1/loyalty/accounts/{survivor}")).json()["balance"] == 340
+
+
+async def test_birthday_from_identify_traits_pays_the_bonus_on_schedule(
+    stack_settings: Settings, store_pair: tuple[LedgerStore, LedgerStore], program_defined: dict[str, Any],
+) -> None:
+    store = store_pair[0]
+    programs = ProgramStore(store.session)
+    learned_at = datetime(2022, 3, 1, tzinfo=UTC)
+    service = LoyaltyService(stack_settings, LoyaltySettings(), store, programs, None, lambda: learned_at)
+    # This test's own program version (effective in 2022 only for this test's timeline) adds the bonus.
+    definition = {k: v for k, v in PROGRAM.items() if k != "effective_from"}
+    definition["action_bonuses"] = [*PROGRAM["action_bonuses"], {"event": "Birthday", "points": 200,
+                                                                  "once_per": "year"}]
+    from services.profile.loyalty.domain import ProgramDefinition
+
+    await programs.create(ProgramDefinition.model_validate(definition), effective_from=datetime(2022, 1, 1, tzinfo=UTC),
+                          actor="test", now=learned_at)
+    await programs.create(ProgramDefinition.model_validate({k: v for k, v in PROGRAM.items() if k != "effective_from"}),
+                          effective_from=datetime(2023, 1, 1, tzinfo=UTC), actor="test", now=learned_at)
+    profile_id = f"p-{uuid.uuid4().hex[:10]}"
+    identify = Event(type="identify", message_id=f"i-{profile_id}", timestamp=learned_at, received_at=learned_at,
+                     user_id="u-bday", traits={"birthday": "1990-04-02", "email": "b@example.com"})
+    await service.handle_event(profile_id, identify)
+    assert await store.birthday(profile_id) == (4, 2)
+    birthday = datetime(2022, 4, 2, tzinfo=UTC)
+    await service.run_due(birthday - timedelta(seconds=1))
+    assert (await store.load(profile_id))[0].balance == 0
+    await service.run_due(birthday + timedelta(hours=3))
+    ledger, _ = await store.load(profile_id)
+    assert ledger.balance == 200
+    await service.run_due(birthday + timedelta(hours=4))
+    assert (await store.load(profile_id))[0].balance == 200

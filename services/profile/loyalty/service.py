@@ -45,11 +45,13 @@ from services.profile.loyalty.domain import (
     ProgramDefinition,
     Redeem,
     Tick,
+    birthday_from_traits,
     command_for,
     decide,
     effective_program,
     expiring_summary,
     fold,
+    next_birthday,
     next_review_at,
 )
 from services.profile.loyalty.domain.ledger import redemption_to_dict
@@ -274,6 +276,13 @@ class LoyaltyService:
 
     # ---- the stream path -----------------------------------------------------------------------------
     async def handle_event(self, profile_id: str, event: Event) -> Outcome | None:
+        if event.type == "identify":
+            birthday = birthday_from_traits(event.traits or {})
+            if birthday is not None:
+                # A fact about the person, not a ledger change: remembered for the yearly bonus.
+                await self.store.set_birthday(profile_id, birthday, self.clock())
+                await self.store.schedule(profile_id, next_birthday(birthday, self.clock()))
+            return None
         program = await self.program_at(event.timestamp)
         command = command_for(event, program)
         if command is None:
@@ -361,7 +370,10 @@ class LoyaltyService:
         async def tick(shard: int, due_at: datetime, profile_id: str) -> bool:
             async with limiter:
                 try:
-                    await self.handle(profile_id, Tick(), now)
+                    birthday = await self.store.birthday(profile_id)
+                    await self.handle(profile_id, Tick(birthday), now)
+                    if birthday is not None:
+                        await self.store.schedule(profile_id, next_birthday(birthday, now))
                 except Exception:
                     log.exception("scheduled tick of %s failed; it stays due", profile_id)
                     return False

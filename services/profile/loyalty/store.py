@@ -113,6 +113,10 @@ class LedgerStore:
         )
         self._get_code = p("SELECT code, profile_id, event_id, reward_id, points, issued_at FROM loyalty_codes "
                            "WHERE code = ?")
+        self._set_birthday = p(
+            "INSERT INTO loyalty_birthdays (profile_id, month, day, updated_at) VALUES (?, ?, ?, ?)"
+        )
+        self._get_birthday = p("SELECT month, day FROM loyalty_birthdays WHERE profile_id = ?")
         self._accounts = p(
             "SELECT profile_id, balance, lifetime_points, tier FROM loyalty_ledger PER PARTITION LIMIT 1"
         )
@@ -187,6 +191,13 @@ class LedgerStore:
     async def get_code(self, code: str) -> dict[str, Any] | None:
         rows = await execute(self.session, self._get_code, (code,))
         return rows[0] if rows else None
+
+    async def set_birthday(self, profile_id: str, birthday: tuple[int, int], now: datetime) -> None:
+        await execute(self.session, self._set_birthday, (profile_id, birthday[0], birthday[1], now))
+
+    async def birthday(self, profile_id: str) -> tuple[int, int] | None:
+        rows = await execute(self.session, self._get_birthday, (profile_id,))
+        return (int(rows[0]["month"]), int(rows[0]["day"])) if rows else None
 
     async def accounts(self) -> AsyncIterator[dict[str, Any]]:
         """Every account's headline numbers (a full scan: reports, not the request path)."""

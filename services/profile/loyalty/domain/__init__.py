@@ -18,12 +18,13 @@ from services.profile.loyalty.domain.decide import (
     UnknownReward,
     add_months,
     decide,
+    next_birthday,
     next_review_at,
     qualified_rank,
     qualifying_total,
     replay,
 )
-from services.profile.loyalty.domain.from_events import LOYALTY_SOURCE, command_for
+from services.profile.loyalty.domain.from_events import LOYALTY_SOURCE, birthday_from_traits, command_for
 from services.profile.loyalty.domain.ledger import (
     LEDGER_EVENT_NAMES,
     POINTS_ADJUSTED,
@@ -69,12 +70,14 @@ __all__ = [
     "Tier",
     "UnknownReward",
     "add_months",
+    "birthday_from_traits",
     "command_for",
     "decide",
     "effective_program",
     "expiring_summary",
     "fold",
     "fold_all",
+    "next_birthday",
     "next_review_at",
     "qualified_rank",
     "qualifying_total",

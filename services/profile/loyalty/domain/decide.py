@@ -106,7 +106,10 @@ class Adjust:
 
 @dataclass(frozen=True, slots=True)
 class Tick:
-    """Catch up on time only: expiries and tier reviews due by ``now``."""
+    """Catch up on time: expiries and tier reviews due by ``now``, and the birthday bonus when the
+    customer's birthday (month, day) came within the last ``BIRTHDAY_GRACE``."""
+
+    birthday: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +233,8 @@ def decide(command: Command, ledger: Ledger, program: Program | None, now: datet
         case CloseLedger():
             take(_close(command, state, program))
         case Tick():
-            pass
+            if program is not None and command.birthday is not None:
+                take(_birthday(command.birthday, state, program, now))
     if program is not None:
         take(_upgrade(state, program, at))
         # A fact older than the ledger's clock may have created a lot that is already past its expiry.
@@ -439,6 +443,37 @@ def _action(cmd: RecordAction, ledger: Ledger, program: Program | None) -> list[
         cap_usage=usage, action_key=key, source_message_id=cmd.source_message_id,
         details={"action": cmd.event, "key": cmd.key_value, "capped_points": bonus.points - points},
     )]
+
+
+BIRTHDAY_EVENT = "Birthday"
+BIRTHDAY_GRACE = timedelta(days=7)
+
+
+def birthday_instant(birthday: tuple[int, int], year: int) -> datetime:
+    """Midnight UTC of the birthday in ``year`` (29 February is the 28th in other years)."""
+    month, day = birthday
+    return datetime(year, month, min(day, calendar.monthrange(year, month)[1]), tzinfo=UTC)
+
+
+def last_birthday(birthday: tuple[int, int], now: datetime) -> datetime:
+    this_year = birthday_instant(birthday, now.year)
+    return this_year if this_year <= now else birthday_instant(birthday, now.year - 1)
+
+
+def next_birthday(birthday: tuple[int, int], after: datetime) -> datetime:
+    this_year = birthday_instant(birthday, after.year)
+    return this_year if this_year > after else birthday_instant(birthday, after.year + 1)
+
+
+def _birthday(birthday: tuple[int, int], ledger: Ledger, program: Program, now: datetime) -> list[LedgerEvent]:
+    """The program's ``Birthday`` bonus, dated at the birthday; a schedule that runs late still pays it
+    within the grace period, a replay of old history does not pay past years."""
+    if program.bonus_for(BIRTHDAY_EVENT) is None:
+        return []
+    instant = last_birthday(birthday, now)
+    if now - instant > BIRTHDAY_GRACE:
+        return []
+    return _action(RecordAction(f"birthday:{instant.year}", BIRTHDAY_EVENT, None, instant), ledger, program)
 
 
 def _redeem(cmd: Redeem, ledger: Ledger, program: Program | None, now: datetime) -> list[LedgerEvent]:

@@ -14,6 +14,7 @@ True
 
 from __future__ import annotations
 
+from datetime import date
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -63,6 +64,24 @@ def net_and_gross(props: dict[str, Any]) -> tuple[Decimal, Decimal] | None:
     else:
         return None
     return net, total if total is not None else net
+
+
+def birthday_from_traits(traits: dict[str, Any]) -> tuple[int, int] | None:
+    """(month, day) of Segment's reserved ``birthday`` trait (an ISO date or date-time).
+
+    >>> birthday_from_traits({"birthday": "1990-02-28"}), birthday_from_traits({"birthday": "1988-12-01T00:00:00Z"})
+    ((2, 28), (12, 1))
+    >>> birthday_from_traits({"birthday": "soon"}) is None
+    True
+    """
+    value = traits.get("birthday")
+    if not isinstance(value, str) or len(value) < 10:
+        return None
+    try:
+        parsed = date.fromisoformat(value[:10])
+    except ValueError:
+        return None
+    return parsed.month, parsed.day
 
 
 def command_for(event: Event, program: Program | None) -> Command | None:
