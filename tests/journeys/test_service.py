@@ -75,11 +75,6 @@ def wait_for(check: Callable[[], Any], timeout_s: float = 60, what: str = "condi
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def journeys(start_service: Callable[..., Any]) -> Any:
-    return start_service("journeys")
-
-
 def test_api_lifecycle_versions_validation_and_auth(journeys: Any, api_headers: dict[str, str]) -> None:
     with journeys.client(headers=api_headers) as c:
         bad = c.post("/v1/journeys", json={"name": "x", "entry": {"type": "event", "event": "A"},
@@ -264,3 +259,25 @@ def test_backtest_over_given_history(journeys: Any, api_headers: dict[str, str])
         # nothing was sent: the backtest journey is a draft and its stats are empty
         assert c.get(f"/v1/journeys/{jid}/stats").json()["entered"] == 0
 
+
+
+def test_cli_apply_examples_then_unchanged_then_invalid(journeys: Any, api_headers: dict[str, str],
+                                                        tmp_path: Any) -> None:
+    from pathlib import Path
+
+    from services.journeys.cli import main
+
+    env = ["--url", journeys.url, "--token", journeys.settings.dev_api_token]
+    examples = sorted(Path("journeys/examples").glob("*.yaml"))
+    for path in examples:
+        assert main([*env, "apply", "-f", str(path)]) == 0
+        assert main([*env, "apply", "-f", str(path)]) == 0  # unchanged: no new version
+    with journeys.client(headers=api_headers) as c:
+        ac = c.get("/v1/journeys/abandoned-checkout").json()
+        assert ac["status"] == "active" and ac["version"] == 1
+        assert c.get("/v1/journeys/vip-early-access").json()["status"] == "paused"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("id: broken\nname: b\nentry: {type: event, event: A}\nnodes:\n"
+                      "  - {id: a, type: delay, duration: soon}\n")
+    assert main([*env, "apply", "-f", str(broken)]) == 1
+    assert main([*env, "validate", "-f", str(broken)]) == 1
