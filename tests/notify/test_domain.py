@@ -101,7 +101,8 @@ def test_template_renders_cart_items_and_escapes_html() -> None:
 ])
 def test_validation_rejects(field: str, source: str, kind: str) -> None:
     fields = {"subject": "s", "html": "h", "text": "t", field: source}
-    problems = validate(Template(id="x", channel="email", **fields))
+    problems = validate(Template(id="x", channel="email", subject=fields["subject"], html=fields["html"],
+                                 text=fields["text"]))
     assert problems and problems[0]["field"] == field and problems[0]["kind"] == kind, problems
 
 
