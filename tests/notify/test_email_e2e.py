@@ -178,3 +178,53 @@ def uuid_hex() -> str:
     import uuid
 
     return uuid.uuid4().hex[:10]
+
+
+def test_templates_crud_validation_and_preview(
+    stack_settings: Settings, notify: ServiceProcess, api_headers: dict[str, str]
+) -> None:
+    with httpx.Client(base_url=notify.url, headers=api_headers, timeout=30) as client:
+        listed = {(t["id"], t["channel"]) for t in client.get("/v1/templates").json()["templates"]}
+        for template_id in ("abandoned_checkout", "abandoned_checkout_incentive", "welcome_1", "welcome_2",
+                            "review_request", "win_back", "vip_early_access", "birthday", "points_expiring"):
+            assert (template_id, "email") in listed
+        assert ("abandoned_checkout", "sms") in listed
+
+        tid = f"promo_{uuid_hex()}"
+        undefined = client.put(f"/v1/templates/{tid}", json={"subject": "Hi {{ profile.nickname }}", "html": "x"})
+        assert undefined.status_code == 400 and undefined.json()["code"] == "invalid_template"
+        assert undefined.json()["problems"][0] == {"field": "subject", "kind": "undefined",
+                                                   "message": "'dict object' has no attribute 'nickname'"}
+        syntax = client.put(f"/v1/templates/{tid}", json={"subject": "s", "html": "{% if %}"})
+        assert syntax.status_code == 400 and syntax.json()["problems"][0]["kind"] == "syntax"
+        escape = client.put(f"/v1/templates/{tid}", json={"subject": "{{ ''.__class__.__mro__ }}", "html": "x"})
+        assert escape.status_code == 400 and escape.json()["problems"][0]["kind"] == "security"
+        assert client.get(f"/v1/templates/{tid}").status_code == 404
+
+        body = {"name": "Promo", "subject": "{{ profile.traits.first_name }}, {{ data.percent }}% off",
+                "html": "<p>Hello {{ profile.traits.first_name }}</p><a href='{{ unsubscribe_url }}'>unsub</a>",
+                "text": "Hello {{ profile.traits.first_name }}", "sampleData": {"percent": 20}}
+        created = client.put(f"/v1/templates/{tid}", json=body)
+        assert created.status_code == 200 and created.json()["version"] == 1
+        updated = client.put(f"/v1/templates/{tid}", json={**body, "text": "Hi {{ profile.traits.first_name }}"})
+        assert updated.json()["version"] == 2
+
+        email = unique_email("preview")
+        pid = f"p-{email.split('@')[0]}"
+        put_profiles(stack_settings, profile_doc(pid, email, first_name="Grace"))
+        preview = client.post(f"/v1/templates/{tid}/preview", json={"profileId": pid, "data": {"percent": 30}})
+        assert preview.status_code == 200, preview.text
+        assert preview.json()["subject"] == "Grace, 30% off" and preview.json()["text"] == "Hi Grace"
+        missing_data = client.post(f"/v1/templates/{tid}/preview", json={"profileId": pid, "data": {}})
+        assert missing_data.status_code == 400 and missing_data.json()["code"] == "render_error"
+        assert client.post(f"/v1/templates/{tid}/preview", json={"profileId": "nobody"}).status_code == 404
+
+        # the edited template is used for the next send
+        sent = client.post("/v1/messages", params={"wait": 15},
+                           json={"profileId": pid, "templateId": tid, "data": {"percent": 5}})
+        assert sent.status_code == 200 and sent.json()["status"] == "sent", sent.text
+        assert sink_messages(stack_settings, email)[0]["subject"] == "Grace, 5% off"
+
+        assert client.delete(f"/v1/templates/{tid}").status_code == 204
+        assert client.get(f"/v1/templates/{tid}").status_code == 404
+        assert client.delete(f"/v1/templates/{tid}").status_code == 404
