@@ -299,6 +299,13 @@ class Notifier:
             return await self.email.send(mail)
         if req.channel == "sms":
             return await self.sms.send(to=recipient, body=content.text.strip(), idempotency_key=req.idempotency_key)
+        method = str(req.data.get("method") or "POST").upper()
+        if method not in ("POST", "PUT", "PATCH"):
+            raise DeliveryError("webhook_invalid", f"unsupported method {method}", permanent=True)
+        if isinstance(req.data.get("body"), dict):
+            # A journey's webhook node: the configured body is the payload; ids travel in the headers.
+            return await self.webhook.send(url=recipient, payload=req.data["body"], method=method,
+                                           idempotency_key=req.idempotency_key, message_id=req.message_id)
         payload: dict[str, Any] = {
             "id": req.message_id, "idempotencyKey": req.idempotency_key, "templateId": req.template_id,
             "category": req.category, "profileId": req.profile_id, "data": dict(req.data),
@@ -306,7 +313,8 @@ class Notifier:
         }
         if content.text:
             payload["text"] = content.text
-        return await self.webhook.send(url=recipient, payload=payload, idempotency_key=req.idempotency_key)
+        return await self.webhook.send(url=recipient, payload=payload, method=method,
+                                       idempotency_key=req.idempotency_key, message_id=req.message_id)
 
     # ---- outcomes --------------------------------------------------------------------------------------
     async def _after_sent(self, req: MessageRequest, user_id: str | None, recipient: str | None,

@@ -50,6 +50,10 @@ class RequestConsumer:
         await self.consumer.start()
         self._task = asyncio.create_task(self._run(), name="notify-consumer")
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

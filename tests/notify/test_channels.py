@@ -212,7 +212,10 @@ def test_signed_webhooks_with_retries(stack_settings: Settings, notify: ServiceP
                         data={"url": f"{providers.url}/hook/flaky/{tag}", "order_id": "o-1"})
     gone = request_doc(pid, "order_sync", channel="webhook", category="transactional",
                        data={"url": f"{providers.url}/hook/gone/{tag}"})
-    produce_requests(stack_settings, flaky, gone)
+    # what a journey's webhook node requests: the configured body is the payload
+    node = request_doc(pid, "webhook", channel="webhook", category="transactional",
+                       data={"url": f"{providers.url}/hook/node/{tag}", "method": "POST", "body": {"coupon": "X1"}})
+    produce_requests(stack_settings, flaky, gone, node)
     row = final(notify, api_headers, flaky["idempotencyKey"], "sent")
     assert row["attempts"] == 2
     hooks = [h for h in providers.hooks if h["path"] == f"/hook/flaky/{tag}"]
@@ -220,6 +223,9 @@ def test_signed_webhooks_with_retries(stack_settings: Settings, notify: ServiceP
     assert hooks[0]["body"]["data"]["order_id"] == "o-1" and hooks[0]["body"]["profileId"] == pid
     assert hooks[0]["key"] == flaky["idempotencyKey"]
     assert final(notify, api_headers, gone["idempotencyKey"], "failed")["reason"] == "webhook_rejected"
+    final(notify, api_headers, node["idempotencyKey"], "sent")
+    node_hooks = [h for h in providers.hooks if h["path"] == f"/hook/node/{tag}"]
+    assert len(node_hooks) == 1 and node_hooks[0]["body"] == {"coupon": "X1"} and node_hooks[0]["valid"]
 
 
 def test_frequency_cap_defers_and_the_scheduler_sends_when_due(

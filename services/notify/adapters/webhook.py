@@ -19,7 +19,8 @@ class WebhookSender:
         self.client = client
         self.key = key
 
-    async def send(self, *, url: str, payload: dict[str, object], idempotency_key: str) -> Delivered:
+    async def send(self, *, url: str, payload: object, idempotency_key: str, message_id: str = "",
+                   method: str = "POST") -> Delivered:
         body = orjson.dumps(payload)
         ts = int(time.time())
         headers = {
@@ -27,10 +28,11 @@ class WebhookSender:
             "X-Loyalist-Timestamp": str(ts),
             "X-Loyalist-Signature": webhook_signature(self.key, ts, body),
             "X-Loyalist-Idempotency-Key": idempotency_key,
+            "X-Loyalist-Message-Id": message_id,
             "User-Agent": "loyalist-notify/1",
         }
         try:
-            resp = await self.client.post(url, content=body, headers=headers)
+            resp = await self.client.request(method, url, content=body, headers=headers)
         except httpx.HTTPError as exc:
             raise DeliveryError("webhook_unreachable", f"{type(exc).__name__}: {exc}", permanent=False) from exc
         if 200 <= resp.status_code < 300:
