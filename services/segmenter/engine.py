@@ -1,0 +1,539 @@
+"""The segmenter's application service: turns stream inputs, scheduler wake-ups and API calls into domain
+decisions, persists them and emits membership changes exactly once.
+
+Exactly-once emission across restarts:
+
+1. A decision's new membership state and its outgoing messages are written in one logged batch (state +
+   outbox rows, each message with a ``transitionId`` = segment:profile:sequence).
+2. Messages are produced (acks=all, idempotent producer) and their outbox rows deleted after the ack.
+3. Only then is the input's Kafka position stored with the profile (and faust commits the offset).
+
+A crash before (1) replays the input, which decides the same transitions. A crash between (1) and (3)
+replays an input whose decision now equals the stored state, so nothing new is decided; the outbox rows
+left behind are resolved at start by reading the tail of ``segment.membership``: a transition already
+there is dropped, a missing one is sent. Older replays of ``profile.changed`` are skipped by their
+(partition, offset), so an intermediate state is never re-entered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from loyalist.events import Event, decode_event, encode_event
+from loyalist.settings import Settings
+from loyalist.topics import EVENTS_RAW, SEGMENT_MEMBERSHIP
+from services.segmenter import metrics
+from services.segmenter.config import SegmenterConfig
+from services.segmenter.domain.lifecycle import note_order
+from services.segmenter.domain.membership import (
+    CustomerFacts,
+    Decision,
+    SegmentDefinition,
+    Transition,
+    build_context,
+    decide,
+    exit_all,
+    needed_event_names,
+    order_segments,
+    validate_references,
+)
+from services.segmenter.domain.predictions import materially_changed
+from services.segmenter.domain.recommendations import CoPurchases, order_products
+from services.segmenter.domain.rfm import RfmScorer, rfm_values
+from services.segmenter.domain.rules import EventRecord, Rule, RuleError, evaluate, parse_datetime, parse_rule
+from services.segmenter.store import SCHEDULE_SHARDS, SegmenterStore, StoredProfile, StoredSegment
+
+log = logging.getLogger(__name__)
+
+ORDER_EVENT = "Order Completed"
+
+
+def iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def order_amount(properties: dict[str, Any]) -> float:
+    for key in ("revenue", "total", "value", "subtotal"):
+        value = properties.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return 0.0
+
+
+@dataclass
+class PreviewResult:
+    size: int
+    scanned: int
+    sample: list[str]
+
+
+class SegmenterEngine:
+    def __init__(self, settings: Settings, config: SegmenterConfig, store: SegmenterStore,
+                 producer: AIOKafkaProducer) -> None:
+        self.settings = settings
+        self.config = config
+        self.store = store
+        self.producer = producer
+        self.thresholds = config.lifecycle()
+        self.scorer = RfmScorer()
+        self.copurchases = CoPurchases()
+        self.segments: list[SegmentDefinition] = []
+        self.segment_rows: dict[str, StoredSegment] = {}
+        self.event_names: set[str] = set()
+        self._locks = [asyncio.Lock() for _ in range(256)]
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._backfills: dict[str, asyncio.Task[Any]] = {}
+        self._stopping = asyncio.Event()
+        self.membership_topic = settings.topic(SEGMENT_MEMBERSHIP.name)
+        self.raw_topic = settings.topic(EVENTS_RAW.name)
+        self.churn: Any = None  # services.segmenter.models.ModelRuntime, set by the app
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.reload_segments()
+        started = time.monotonic()
+        count = 0
+        async for stored in self.store.all_profiles():
+            values = rfm_values(stored.document)
+            if values is not None:
+                self.scorer.add(values)
+            count += 1
+        for profile_id, customer_orders in await self._all_orders():
+            self.copurchases.add_customer(profile_id, customer_orders)
+        log.info("rebuilt RFM sketches and co-purchases over %d profiles in %.1fs", count, time.monotonic() - started)
+        await self.recover_outbox()
+        self._spawn(self._scheduler_loop(), "scheduler")
+        for seg in self.segment_rows.values():
+            if seg.backfill_status != "done":
+                self.start_backfill(seg.segment_id, "backfill")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for task in [*self._tasks, *self._backfills.values()]:
+            task.cancel()
+        for task in [*self._tasks, *self._backfills.values()]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def lock(self, profile_id: str) -> asyncio.Lock:
+        # Striped locks: one customer's inputs (stream, scheduler, backfill) are decided one at a time.
+        return self._locks[hash(profile_id) % len(self._locks)]
+
+    async def reload_segments(self) -> None:
+        rows = await self.store.segments()
+        definitions = []
+        for row in rows:
+            try:
+                definitions.append(SegmentDefinition.create(row.segment_id, row.name, row.definition,
+                                                            version=row.version, description=row.description))
+            except RuleError:
+                log.exception("stored segment %s has an invalid rule; skipped", row.segment_id)
+        self.segment_rows = {r.segment_id: r for r in rows}
+        self.segments = order_segments(definitions)
+        self.event_names = needed_event_names(self.segments)
+        metrics.SEGMENTS.set(len(self.segments))
+
+    # ---- stream inputs ---------------------------------------------------------------------------
+    async def on_profile_changed(self, message: dict[str, Any], partition: int, offset: int) -> None:
+        profile_id = message.get("profileId")
+        if not isinstance(profile_id, str) or not profile_id:
+            metrics.INPUTS.labels("profile.changed", "invalid").inc()
+            return
+        async with self.lock(profile_id):
+            stored = await self.store.profile(profile_id)
+            if (stored is not None and stored.source_partition == partition and stored.source_offset is not None
+                    and offset <= stored.source_offset):
+                metrics.INPUTS.labels("profile.changed", "replay_skipped").inc()
+                return
+            if message.get("deleted"):
+                await self._remove_profile(profile_id, stored, "profile deleted", partition, offset)
+                metrics.INPUTS.labels("profile.changed", "deleted").inc()
+                return
+            document = message.get("profile")
+            if not isinstance(document, dict):
+                metrics.INPUTS.labels("profile.changed", "invalid").inc()
+                return
+            old_document = stored.document if stored else {}
+            won_back_at = note_order(
+                stored.won_back_at if stored else None, parse_datetime(old_document.get("last_order_at")),
+                parse_datetime(document.get("last_order_at")), self.thresholds)
+            cause = message.get("cause") or {}
+            label = cause.get("event") or cause.get("type") or ",".join(message.get("changed") or []) or "update"
+            accepted_at = cause.get("receivedAt") if isinstance(cause.get("receivedAt"), str) else None
+            self.scorer.replace(rfm_values(old_document), rfm_values(document))
+            predictions = stored.predictions if stored else {}
+            facts = CustomerFacts(document, await self._events(profile_id), won_back_at, predictions)
+            await self._decide_and_apply(profile_id, facts, f"profile.changed ({label})", accepted_at,
+                                         stored.next_evaluation_at if stored else None)
+            await self.store.put_profile(profile_id, document, partition, offset, won_back_at=won_back_at)
+            metrics.INPUTS.labels("profile.changed", "processed").inc()
+        if self.churn is not None:
+            # Outside the customer lock: writing predictions takes it again.
+            probability = await self.churn.observe(profile_id, document, old_document)
+            await self.write_predictions(profile_id, {"churn_probability": round(probability, 4)},
+                                         f"churn-v{self.churn.churn_version}")
+
+    async def on_event_resolved(self, message: dict[str, Any]) -> None:
+        merge = message.get("merge")
+        if isinstance(merge, dict):
+            survivor = merge.get("survivor")
+            for merged in merge.get("merged") or []:
+                if isinstance(merged, str) and merged != survivor:
+                    async with self.lock(merged):
+                        stored = await self.store.profile(merged)
+                        await self._remove_profile(merged, stored, f"merged into {survivor}", None, None)
+            metrics.INPUTS.labels("events.resolved", "merge").inc()
+            return
+        profile_id = message.get("profileId")
+        raw_event = message.get("event")
+        if not isinstance(profile_id, str) or not isinstance(raw_event, dict):
+            metrics.INPUTS.labels("events.resolved", "invalid").inc()
+            return
+        try:
+            event = decode_event(raw_event)
+        except ValueError:
+            metrics.INPUTS.labels("events.resolved", "invalid").inc()
+            return
+        if event.type != "track" or not event.event:
+            metrics.INPUTS.labels("events.resolved", "ignored").inc()
+            return
+        record = EventRecord(event.event, event.timestamp, event.properties, event.message_id)
+        await self.store.add_event(profile_id, record, self.config.event_retention_days * 86400)
+        if event.event == ORDER_EVENT:
+            products = order_products(event.properties)
+            await self.store.add_order(profile_id, event.timestamp, event.message_id,
+                                       order_amount(event.properties), products)
+            self.copurchases.add_order(profile_id, event.message_id, products)
+        if event.event in self.event_names:
+            async with self.lock(profile_id):
+                stored = await self.store.profile(profile_id)
+                if stored is not None and not stored.deleted:
+                    facts = CustomerFacts(stored.document, await self._events(profile_id), stored.won_back_at,
+                                          stored.predictions)
+                    await self._decide_and_apply(profile_id, facts, f"event ({event.event})",
+                                                 iso(event.received_at), stored.next_evaluation_at)
+        metrics.INPUTS.labels("events.resolved", "processed").inc()
+
+    async def _events(self, profile_id: str) -> list[EventRecord]:
+        if not self.event_names:
+            return []
+        return [e for e in await self.store.events(profile_id) if e.name in self.event_names]
+
+    async def _remove_profile(self, profile_id: str, stored: StoredProfile | None, reason: str,
+                              partition: int | None, offset: int | None) -> None:
+        current = {sid: member for sid, (member, _) in (await self.store.memberships(profile_id)).items()}
+        names = {s.segment_id: s.name for s in self.segments}
+        await self._apply(profile_id, exit_all(names, current, reason), await self.store.memberships(profile_id),
+                          None)
+        if stored is not None:
+            self.scorer.replace(rfm_values(stored.document), None)
+            await self.store.reschedule(profile_id, stored.next_evaluation_at, None)
+        await self.store.delete_events(profile_id)
+        await self.store.put_profile(profile_id, {}, partition, offset, deleted=True)
+
+    # ---- deciding and applying -------------------------------------------------------------------
+    async def _decide_and_apply(self, profile_id: str, facts: CustomerFacts, trigger: str, accepted_at: str | None,
+                                previous_next: datetime | None, now: datetime | None = None) -> Decision:
+        started = time.perf_counter()
+        now = now or datetime.now(UTC)
+        stored_memberships = await self.store.memberships(profile_id)
+        current = {sid: member for sid, (member, _) in stored_memberships.items()}
+        decision = decide(self.segments, facts, current, trigger, now, scorer=self.scorer,
+                          thresholds=self.thresholds)
+        metrics.EVALUATIONS.inc(len(self.segments))
+        await self._apply(profile_id, decision.transitions, stored_memberships, accepted_at)
+        await self.store.reschedule(profile_id, previous_next, decision.next_evaluation_at)
+        metrics.DECISION_DURATION.observe(time.perf_counter() - started)
+        return decision
+
+    async def _apply(self, profile_id: str, transitions: Sequence[Transition],
+                     stored: dict[str, tuple[bool, int]], accepted_at: str | None) -> None:
+        if not transitions:
+            return
+        at = datetime.now(UTC)
+        changes = []
+        payloads = []
+        for t in transitions:
+            seq = stored.get(t.segment_id, (False, 0))[1] + 1
+            transition_id = f"{t.segment_id}:{profile_id}:{seq}"
+            payload: dict[str, Any] = {
+                "profileId": profile_id, "segmentId": t.segment_id, "segmentName": t.segment_name,
+                "change": t.change, "reason": t.reason, "at": iso(at), "transitionId": transition_id,
+            }
+            row = self.segment_rows.get(t.segment_id)
+            if row is not None:
+                payload["segmentVersion"] = row.version
+            if accepted_at:
+                payload["eventAcceptedAt"] = accepted_at
+            raw = orjson.dumps(payload)
+            changes.append((t.segment_id, t.change == "entered", seq, transition_id, raw.decode()))
+            payloads.append((transition_id, raw))
+        await self.store.record_transitions(profile_id, changes, at)
+        for transition_id, raw in payloads:
+            await self._send_membership(profile_id, transition_id, raw)
+
+    async def _send_membership(self, profile_id: str, transition_id: str, raw: bytes) -> None:
+        await self.producer.send_and_wait(self.membership_topic, raw, key=profile_id.encode())
+        change = orjson.loads(raw)["change"]
+        metrics.MEMBERSHIP_CHANGES.labels(change).inc()
+        await self.store.outbox_done(transition_id)
+
+    async def recover_outbox(self) -> int:
+        """Send the membership changes a crash left between the state write and the Kafka ack — only
+        those not already in the topic. Returns how many were sent."""
+        rows = await self.store.outbox()
+        if not rows:
+            return 0
+        oldest = min(r["created_at"] for r in rows).replace(tzinfo=UTC)
+        seen = await self._transition_ids_since(oldest - timedelta(seconds=30))
+        sent = 0
+        for row in rows:
+            transition_id = row["transition_id"]
+            if transition_id in seen:
+                await self.store.outbox_done(transition_id)
+                continue
+            profile_id = transition_id.split(":")[1]
+            await self._send_membership(profile_id, transition_id, row["payload"].encode())
+            sent += 1
+        log.info("outbox recovery: %d pending, %d already in Kafka, %d sent", len(rows), len(rows) - sent, sent)
+        return sent
+
+    async def _transition_ids_since(self, since: datetime) -> set[str]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False,
+                                    client_id=f"{self.settings.namespace}-segmenter-outbox",
+                                    isolation_level="read_committed")
+        await consumer.start()
+        seen: set[str] = set()
+        try:
+            cluster = await consumer._client.fetch_all_metadata()
+            partitions = cluster.partitions_for_topic(self.membership_topic) or set()
+            tps = [TopicPartition(self.membership_topic, p) for p in partitions]
+            if not tps:
+                return seen
+            consumer.assign(tps)
+            starts = await consumer.offsets_for_times({tp: int(since.timestamp() * 1000) for tp in tps})
+            ends = await consumer.end_offsets(tps)
+            active = []
+            for tp in tps:
+                start = starts.get(tp)
+                if start is None or start.offset >= ends[tp]:
+                    continue
+                consumer.seek(tp, start.offset)
+                active.append(tp)
+            remaining = {tp: ends[tp] for tp in active}
+            while remaining:
+                batch = await consumer.getmany(*remaining, timeout_ms=2000)
+                if not batch:
+                    break
+                for tp, records in batch.items():
+                    for record in records:
+                        with contextlib.suppress(Exception):
+                            seen.add(orjson.loads(record.value)["transitionId"])
+                        if record.offset + 1 >= remaining.get(tp, 0):
+                            remaining.pop(tp, None)
+        finally:
+            await stop_consumer(consumer)
+        return seen
+
+    # ---- the durable scheduler -------------------------------------------------------------------
+    async def _scheduler_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.run_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scheduler pass failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.config.scheduler_poll_s)
+
+    async def run_due(self, now: datetime | None = None) -> int:
+        """Re-evaluate every customer whose next time-triggered change is due. Returns how many."""
+        now = now or datetime.now(UTC)
+        handled = 0
+        for shard in range(SCHEDULE_SHARDS):
+            for due_at, profile_id in await self.store.due(shard, now, self.config.scheduler_batch):
+                async with self.lock(profile_id):
+                    stored = await self.store.profile(profile_id)
+                    if stored is None or stored.deleted or stored.next_evaluation_at != due_at:
+                        await self.store.unschedule(profile_id, due_at)  # superseded
+                        continue
+                    lag = (now - due_at).total_seconds()
+                    metrics.SCHEDULER_LAG.observe(max(lag, 0.0))
+                    facts = CustomerFacts(stored.document, await self._events(profile_id), stored.won_back_at,
+                                          stored.predictions)
+                    await self._decide_and_apply(profile_id, facts, "time elapsed", None, due_at)
+                    handled += 1
+        return handled
+
+    # ---- segments (API side) ---------------------------------------------------------------------
+    def parse_segment(self, segment_id: str, name: str, definition: Any, version: int) -> SegmentDefinition:
+        """Parse and check references; raises RuleError with the JSON path of the offending part."""
+        seg = SegmentDefinition.create(segment_id, name, definition, version=version)
+        problem = validate_references(seg, self.segments)
+        if problem:
+            raise RuleError("$", problem)
+        return seg
+
+    async def save_segment(self, row: StoredSegment) -> None:
+        await self.store.put_segment(row)
+        await self.reload_segments()
+        self.start_backfill(row.segment_id, "segment created" if row.version == 1 else "segment updated")
+
+    async def delete_segment(self, segment_id: str) -> int:
+        dependants = [s.segment_id for s in self.segments if segment_id in _references(s.rule)]
+        if dependants:
+            raise RuleError("$", f"segment {dependants[0]!r} references this segment; change it first")
+        row = self.segment_rows.get(segment_id)
+        name = row.name if row else segment_id
+        await self.store.delete_segment(segment_id)
+        task = self._backfills.pop(segment_id, None)
+        if task:
+            task.cancel()
+        await self.reload_segments()
+        exited = 0
+        after = ""
+        while True:
+            page = await self.store.members(segment_id, after, 500)
+            if not page:
+                break
+            for member in page:
+                profile_id = member["profile_id"]
+                async with self.lock(profile_id):
+                    stored = await self.store.memberships(profile_id)
+                    if stored.get(segment_id, (False, 0))[0]:
+                        await self._apply(profile_id, [Transition(segment_id, name, "exited", "segment deleted")],
+                                          stored, None)
+                        exited += 1
+            after = page[-1]["profile_id"]
+        return exited
+
+    def start_backfill(self, segment_id: str, trigger: str) -> None:
+        previous = self._backfills.pop(segment_id, None)
+        if previous is not None:
+            previous.cancel()
+        task = asyncio.create_task(self._backfill(segment_id, trigger), name=f"backfill-{segment_id}")
+        self._backfills[segment_id] = task
+
+    async def _backfill(self, segment_id: str, trigger: str) -> None:
+        """Evaluate every stored profile once, with progress in the segment row (idempotent: a restart
+        starts over and decides nothing twice)."""
+        try:
+            total = 0
+            async for _ in self.store.all_profiles():
+                total += 1
+            await self.store.backfill_progress(segment_id, "running", 0, total)
+            done = 0
+            async for stored in self.store.all_profiles(page_size=self.config.backfill_page):
+                async with self.lock(stored.profile_id):
+                    fresh = await self.store.profile(stored.profile_id)
+                    if fresh is not None and not fresh.deleted:
+                        facts = CustomerFacts(fresh.document, await self._events(fresh.profile_id),
+                                              fresh.won_back_at, fresh.predictions)
+                        await self._decide_and_apply(fresh.profile_id, facts, trigger, None,
+                                                     fresh.next_evaluation_at)
+                done += 1
+                if done % 200 == 0:
+                    await self.store.backfill_progress(segment_id, "running", done, max(total, done))
+            await self.store.backfill_progress(segment_id, "done", done, max(total, done))
+            if segment_id in self.segment_rows:
+                self.segment_rows[segment_id].backfill_status = "done"
+            log.info("backfill of %s finished over %d profiles", segment_id, done)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("backfill of %s failed", segment_id)
+            await self.store.backfill_progress(segment_id, "failed", 0, 0)
+
+    async def preview(self, rule: Rule, sample_size: int, now: datetime | None = None) -> PreviewResult:
+        now = now or datetime.now(UTC)
+        size = scanned = 0
+        sample: list[str] = []
+        names = needed_event_names([SegmentDefinition("preview", "preview", {}, rule)])
+        async for stored in self.store.all_profiles():
+            scanned += 1
+            events = ([e for e in await self.store.events(stored.profile_id) if e.name in names] if names else [])
+            facts = CustomerFacts(stored.document, events, stored.won_back_at, stored.predictions)
+            ctx = build_context(facts, self.scorer, self.thresholds, now)
+            memberships = await self.store.memberships(stored.profile_id)
+            ctx.memberships = {sid: member for sid, (member, _) in memberships.items()}
+            if evaluate(rule, ctx, now).matched:
+                size += 1
+                if len(sample) < sample_size:
+                    sample.append(stored.profile_id)
+        return PreviewResult(size, scanned, sample)
+
+    # ---- predictions ----------------------------------------------------------------------------
+    async def write_predictions(self, profile_id: str, new: dict[str, Any], model_version: str) -> bool:
+        """Store and publish predictions (a ``Predictions Updated`` event to events.raw) only when they
+        moved materially since the last write — so the profile update they cause cannot loop back."""
+        async with self.lock(profile_id):
+            stored = await self.store.profile(profile_id)
+            if stored is None or stored.deleted:
+                return False
+            if not materially_changed(stored.predictions, new, self.config.prediction_min_probability_change,
+                                      self.config.prediction_min_relative_change):
+                return False
+            merged = {**stored.predictions, **new}
+            now = datetime.now(UTC)
+            digest = uuid.uuid5(uuid.NAMESPACE_URL, orjson.dumps(merged, option=orjson.OPT_SORT_KEYS).decode())
+            user_id = stored.document.get("user_id")
+            event = Event(
+                type="track", event="Predictions Updated", message_id=f"predictions-{profile_id}-{digest}",
+                timestamp=now, received_at=now, source="segmenter",
+                user_id=user_id if isinstance(user_id, str) and user_id else None,
+                anonymous_id=None if isinstance(user_id, str) and user_id else profile_id,
+                properties={**merged, "model_version": model_version},
+                context={"loyalist": {"profileId": profile_id}},
+            )
+            await self.producer.send_and_wait(self.raw_topic, encode_event(event), key=event.partition_key.encode())
+            await self.store.set_predictions(profile_id, merged)
+            metrics.PREDICTIONS_WRITTEN.inc()
+            return True
+
+    async def _all_orders(self) -> list[tuple[str, list[tuple[str, list[str]]]]]:
+        out = []
+        async for stored in self.store.all_profiles():
+            orders = await self.store.orders(stored.profile_id)
+            if orders:
+                out.append((stored.profile_id, [(o["message_id"], list(o["products"] or [])) for o in orders]))
+        return out
+
+
+def _references(rule: Rule) -> set[str]:
+    from services.segmenter.domain.rules import referenced_segments
+
+    return referenced_segments(rule)
+
+
+def validate_rule_document(document: Any) -> Rule:
+    return parse_rule(document)
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Stop a manually assigned consumer. aiokafka 0.14 can leak the cancellation of its internal
+    committed-offsets task out of ``stop()`` when stopped right after ``assign``; that one is swallowed,
+    a cancellation of the caller is not."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise

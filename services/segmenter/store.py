@@ -1,0 +1,281 @@
+"""Cassandra access for the segmenter (tables in loyalist/migrations/0300_segmenter.cql)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from cassandra.cluster import Session
+from cassandra.query import BatchStatement, BatchType, SimpleStatement
+
+from loyalist.cassandra import execute
+from services.segmenter.domain.rules import EventRecord
+
+SCHEDULE_SHARDS = 16
+OUTBOX_SHARD = 0
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@dataclass
+class StoredProfile:
+    profile_id: str
+    document: dict[str, Any]
+    source_partition: int | None
+    source_offset: int | None
+    won_back_at: datetime | None
+    next_evaluation_at: datetime | None
+    predictions: dict[str, Any]
+    deleted: bool
+
+
+@dataclass
+class StoredSegment:
+    segment_id: str
+    name: str
+    description: str
+    definition: dict[str, Any]
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    backfill_status: str
+    backfill_done: int
+    backfill_total: int
+
+
+def schedule_shard(profile_id: str) -> int:
+    # A stable hash (Python's str hash is salted per process).
+    return int.from_bytes(profile_id.encode()[-4:].rjust(4, b"\0"), "big") % SCHEDULE_SHARDS
+
+
+class SegmenterStore:
+    def __init__(self, session: Session) -> None:
+        self.s = session
+        p = session.prepare
+        self._get_profile = p("SELECT * FROM seg_profiles WHERE profile_id = ?")
+        self._put_profile = p(
+            "UPDATE seg_profiles SET document = ?, source_partition = ?, source_offset = ?, deleted = ?, "
+            "updated_at = ?, won_back_at = ? WHERE profile_id = ?")
+        self._set_won_back = p("UPDATE seg_profiles SET won_back_at = ? WHERE profile_id = ?")
+        self._set_next = p("UPDATE seg_profiles SET next_evaluation_at = ? WHERE profile_id = ?")
+        self._set_predictions = p("UPDATE seg_profiles SET predictions = ? WHERE profile_id = ?")
+        self._put_event = p("INSERT INTO seg_events (profile_id, ts, message_id, name, properties) VALUES (?,?,?,?,?)"
+                            " USING TTL ?")
+        self._get_events = p("SELECT ts, message_id, name, properties FROM seg_events WHERE profile_id = ? LIMIT ?")
+        self._delete_events = p("DELETE FROM seg_events WHERE profile_id = ?")
+        self._put_order = p("INSERT INTO seg_orders (profile_id, ts, message_id, amount, products) VALUES (?,?,?,?,?)")
+        self._get_orders = p("SELECT ts, message_id, amount, products FROM seg_orders WHERE profile_id = ?")
+        self._get_memberships = p("SELECT segment_id, member, seq FROM seg_memberships WHERE profile_id = ?")
+        self._put_membership = p(
+            "INSERT INTO seg_memberships (profile_id, segment_id, member, changed_at, seq) VALUES (?,?,?,?,?)")
+        self._put_member = p("INSERT INTO seg_members (segment_id, profile_id, since) VALUES (?,?,?)")
+        self._del_member = p("DELETE FROM seg_members WHERE segment_id = ? AND profile_id = ?")
+        self._put_outbox = p("INSERT INTO seg_outbox (shard, transition_id, payload, created_at) VALUES (?,?,?,?)")
+        self._del_outbox = p("DELETE FROM seg_outbox WHERE shard = ? AND transition_id = ?")
+        self._get_outbox = p("SELECT transition_id, payload, created_at FROM seg_outbox WHERE shard = ?")
+        self._put_schedule = p("INSERT INTO seg_schedule (shard, due_at, profile_id) VALUES (?,?,?)")
+        self._del_schedule = p("DELETE FROM seg_schedule WHERE shard = ? AND due_at = ? AND profile_id = ?")
+        self._due = p("SELECT due_at, profile_id FROM seg_schedule WHERE shard = ? AND due_at <= ? LIMIT ?")
+        self._get_segment = p("SELECT * FROM seg_segments WHERE segment_id = ?")
+        self._members_page = p("SELECT profile_id, since FROM seg_members WHERE segment_id = ? AND profile_id > ? "
+                               "LIMIT ?")
+        self._count_members = p("SELECT count(*) AS n FROM seg_members WHERE segment_id = ?")
+        self._backfill = p("UPDATE seg_segments SET backfill_status = ?, backfill_done = ?, backfill_total = ?, "
+                           "backfill_finished_at = ? WHERE segment_id = ?")
+        self._put_model = p("INSERT INTO seg_models (name, version, created_at, data, meta) VALUES (?,?,?,?,?)")
+        self._latest_model = p("SELECT version, created_at, data, meta FROM seg_models WHERE name = ? LIMIT 1")
+
+    # ---- profiles --------------------------------------------------------------------------------
+    async def profile(self, profile_id: str) -> StoredProfile | None:
+        rows = await execute(self.s, self._get_profile, (profile_id,))
+        return self._profile_row(rows[0]) if rows else None
+
+    @staticmethod
+    def _profile_row(r: dict[str, Any]) -> StoredProfile:
+        return StoredProfile(
+            r["profile_id"], orjson.loads(r["document"]) if r["document"] else {},
+            r["source_partition"], r["source_offset"], _utc(r["won_back_at"]), _utc(r["next_evaluation_at"]),
+            orjson.loads(r["predictions"]) if r["predictions"] else {}, bool(r["deleted"]),
+        )
+
+    async def put_profile(self, profile_id: str, document: dict[str, Any], partition: int | None,
+                          offset: int | None, *, deleted: bool = False, won_back_at: datetime | None = None) -> None:
+        await execute(self.s, self._put_profile, (
+            orjson.dumps(document).decode(), partition, offset, deleted, datetime.now(UTC), won_back_at, profile_id))
+
+    async def set_won_back(self, profile_id: str, when: datetime | None) -> None:
+        await execute(self.s, self._set_won_back, (when, profile_id))
+
+    async def set_predictions(self, profile_id: str, predictions: dict[str, Any]) -> None:
+        await execute(self.s, self._set_predictions, (orjson.dumps(predictions).decode(), profile_id))
+
+    async def all_profiles(self, page_size: int = 500) -> AsyncIterator[StoredProfile]:
+        """Every stored profile, paged (a full scan: backfills, RFM rebuild at start, model refits)."""
+        statement = SimpleStatement("SELECT * FROM seg_profiles", fetch_size=page_size)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(None, lambda: self.s.execute(statement))
+        while True:
+            rows = list(result.current_rows)
+            for row in rows:
+                if row["document"] is not None and not row["deleted"]:
+                    yield self._profile_row(row)
+            if not result.has_more_pages:
+                return
+            await loop.run_in_executor(None, result.fetch_next_page)
+
+    # ---- events and orders -----------------------------------------------------------------------
+    async def add_event(self, profile_id: str, event: EventRecord, ttl_s: int) -> None:
+        await execute(self.s, self._put_event, (
+            profile_id, event.timestamp, event.message_id, event.name,
+            orjson.dumps(event.properties).decode(), ttl_s))
+
+    async def events(self, profile_id: str, limit: int = 5000) -> list[EventRecord]:
+        rows = await execute(self.s, self._get_events, (profile_id, limit))
+        return [EventRecord(r["name"], _utc(r["ts"]) or datetime.now(UTC),
+                            orjson.loads(r["properties"]) if r["properties"] else {}, r["message_id"]) for r in rows]
+
+    async def delete_events(self, profile_id: str) -> None:
+        await execute(self.s, self._delete_events, (profile_id,))
+
+    async def add_order(self, profile_id: str, ts: datetime, message_id: str, amount: float,
+                        products: Sequence[str]) -> None:
+        await execute(self.s, self._put_order, (profile_id, ts, message_id, amount, list(products)))
+
+    async def orders(self, profile_id: str) -> list[dict[str, Any]]:
+        rows = await execute(self.s, self._get_orders, (profile_id,))
+        for r in rows:
+            r["ts"] = _utc(r["ts"])
+        return rows
+
+    # ---- memberships and the outbox --------------------------------------------------------------
+    async def memberships(self, profile_id: str) -> dict[str, tuple[bool, int]]:
+        rows = await execute(self.s, self._get_memberships, (profile_id,))
+        return {r["segment_id"]: (bool(r["member"]), int(r["seq"] or 0)) for r in rows}
+
+    async def record_transitions(self, profile_id: str, changes: Sequence[tuple[str, bool, int, str, str]],
+                                 at: datetime) -> None:
+        """Atomically (logged batch): the new membership state and the outbox rows of its messages.
+        ``changes`` items: (segment_id, member, seq, transition_id, payload)."""
+        batch = BatchStatement(batch_type=BatchType.LOGGED)
+        for segment_id, member, seq, transition_id, payload in changes:
+            batch.add(self._put_membership, (profile_id, segment_id, member, at, seq))
+            if member:
+                batch.add(self._put_member, (segment_id, profile_id, at))
+            else:
+                batch.add(self._del_member, (segment_id, profile_id))
+            batch.add(self._put_outbox, (OUTBOX_SHARD, transition_id, payload, at))
+        await execute(self.s, batch)
+
+    async def outbox(self) -> list[dict[str, Any]]:
+        return await execute(self.s, self._get_outbox, (OUTBOX_SHARD,))
+
+    async def outbox_done(self, transition_id: str) -> None:
+        await execute(self.s, self._del_outbox, (OUTBOX_SHARD, transition_id))
+
+    async def members(self, segment_id: str, after: str, limit: int) -> list[dict[str, Any]]:
+        return await execute(self.s, self._members_page, (segment_id, after, limit))
+
+    async def member_count(self, segment_id: str) -> int:
+        rows = await execute(self.s, self._count_members, (segment_id,))
+        return int(rows[0]["n"]) if rows else 0
+
+    # ---- the durable scheduler -------------------------------------------------------------------
+    async def reschedule(self, profile_id: str, previous: datetime | None, due: datetime | None) -> None:
+        if previous == due:
+            return
+        shard = schedule_shard(profile_id)
+        if due is not None:
+            await execute(self.s, self._put_schedule, (shard, due, profile_id))
+        await execute(self.s, self._set_next, (due, profile_id))
+        if previous is not None:
+            await execute(self.s, self._del_schedule, (shard, previous, profile_id))
+
+    async def due(self, shard: int, now: datetime, limit: int) -> list[tuple[datetime, str]]:
+        rows = await execute(self.s, self._due, (shard, now, limit))
+        return [(_utc(r["due_at"]) or now, r["profile_id"]) for r in rows]
+
+    async def unschedule(self, profile_id: str, due: datetime) -> None:
+        await execute(self.s, self._del_schedule, (schedule_shard(profile_id), due, profile_id))
+
+    # ---- segments --------------------------------------------------------------------------------
+    async def segments(self) -> list[StoredSegment]:
+        rows = await execute(self.s, "SELECT * FROM seg_segments")
+        return [self._segment_row(r) for r in rows if r["definition"]]
+
+    async def segment(self, segment_id: str) -> StoredSegment | None:
+        rows = await execute(self.s, self._get_segment, (segment_id,))
+        return self._segment_row(rows[0]) if rows and rows[0]["definition"] else None
+
+    @staticmethod
+    def _segment_row(r: dict[str, Any]) -> StoredSegment:
+        return StoredSegment(
+            r["segment_id"], r["name"], r["description"] or "", orjson.loads(r["definition"]), int(r["version"] or 1),
+            _utc(r["created_at"]) or datetime.now(UTC), _utc(r["updated_at"]) or datetime.now(UTC),
+            r["backfill_status"] or "pending", int(r["backfill_done"] or 0), int(r["backfill_total"] or 0),
+        )
+
+    async def put_segment(self, seg: StoredSegment) -> None:
+        await execute(self.s, (
+            "INSERT INTO seg_segments (segment_id, name, description, definition, version, created_at, updated_at, "
+            "backfill_status, backfill_done, backfill_total, backfill_started_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,"
+            "%s,%s)"), (
+            seg.segment_id, seg.name, seg.description, orjson.dumps(seg.definition).decode(), seg.version,
+            seg.created_at, seg.updated_at, seg.backfill_status, seg.backfill_done, seg.backfill_total,
+            datetime.now(UTC)))
+
+    async def delete_segment(self, segment_id: str) -> None:
+        await execute(self.s, "DELETE FROM seg_segments WHERE segment_id = %s", (segment_id,))
+
+    async def backfill_progress(self, segment_id: str, status: str, done: int, total: int) -> None:
+        finished = datetime.now(UTC) if status == "done" else None
+        await execute(self.s, self._backfill, (status, done, total, finished, segment_id))
+
+    # ---- model checkpoints -----------------------------------------------------------------------
+    async def save_model(self, name: str, version: int, data: bytes, meta: dict[str, Any]) -> None:
+        await execute(self.s, self._put_model, (name, version, datetime.now(UTC), data,
+                                                orjson.dumps(meta).decode()))
+
+    async def latest_model(self, name: str) -> tuple[int, bytes, dict[str, Any]] | None:
+        rows = await execute(self.s, self._latest_model, (name,))
+        if not rows:
+            return None
+        return int(rows[0]["version"]), bytes(rows[0]["data"]), orjson.loads(rows[0]["meta"] or "{}")
+
+    # ---- churn observations awaiting labels ------------------------------------------------------
+    async def add_observation(self, profile_id: str, observed_at: datetime, features: dict[str, float],
+                              prediction: float) -> None:
+        await execute(self.s, "INSERT INTO seg_churn_pending (profile_id, observed_at, features, prediction) "
+                              "VALUES (%s, %s, %s, %s)",
+                      (profile_id, observed_at, orjson.dumps(features).decode(), prediction))
+
+    async def observations(self, profile_id: str) -> list[dict[str, Any]]:
+        rows = await execute(self.s, "SELECT * FROM seg_churn_pending WHERE profile_id = %s", (profile_id,))
+        return [self._observation_row(r) for r in rows]
+
+    @staticmethod
+    def _observation_row(r: dict[str, Any]) -> dict[str, Any]:
+        return {"profile_id": r["profile_id"], "observed_at": _utc(r["observed_at"]),
+                "features": orjson.loads(r["features"]), "prediction": float(r["prediction"])}
+
+    async def all_observations(self) -> AsyncIterator[dict[str, Any]]:
+        statement = SimpleStatement("SELECT * FROM seg_churn_pending", fetch_size=1000)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(None, lambda: self.s.execute(statement))
+        while True:
+            for row in list(result.current_rows):
+                yield self._observation_row(row)
+            if not result.has_more_pages:
+                return
+            await loop.run_in_executor(None, result.fetch_next_page)
+
+    async def delete_observation(self, profile_id: str, observed_at: datetime) -> None:
+        await execute(self.s, "DELETE FROM seg_churn_pending WHERE profile_id = %s AND observed_at = %s",
+                      (profile_id, observed_at))
