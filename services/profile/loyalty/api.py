@@ -178,7 +178,7 @@ def build_router() -> APIRouter:
         profile_id: ProfileId, service: Service, _: Reader,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         order: Literal["desc", "asc"] = "desc",
-        cursor: Annotated[int | None, Query(ge=0, description="next_cursor of the previous page")] = None,
+        cursor: Annotated[int | None, Query(ge=0, le=2**62, description="next_cursor of the previous page")] = None,
     ) -> dict[str, Any]:
         if order == "desc":
             before = cursor if cursor is not None else 2**62

@@ -176,7 +176,11 @@ class LoyaltyService:
             for attempt in range(1, self.config.max_attempts + 1):
                 ledger, version = await self.store.load(profile_id)
                 program = await self.program_at(at)
-                events = decide(command, ledger, program, now)
+                try:
+                    events = decide(command, ledger, program, now)
+                except LoyaltyError as refused:
+                    metrics.COMMANDS.labels(name, refused.code).inc()
+                    raise
                 if not events:
                     if not await self.flush(profile_id, ledger.seq):
                         await self.store.schedule(profile_id, now + _PUBLISH_RETRY)
@@ -206,20 +210,25 @@ class LoyaltyService:
 
     async def _after_commit(self, profile_id: str, state: Ledger, program: Program | None,
                             lines: list[LedgerLine], now: datetime) -> None:
+        """Side effects of a committed change. The commit stands whatever happens here, so failures are
+        logged, not raised: the outbox is retried by the next command or the schedule."""
         for line in lines:
             metrics.LEDGER_EVENTS.labels(line.event.kind, line.event.reason).inc()
             metrics.POINTS.labels(line.event.kind).inc(abs(line.event.points))
-            if line.event.redemption is not None:
-                r = line.event.redemption
-                await self.store.put_code(r.code, profile_id, r.event_id, r.reward_id, r.points, r.at)
-        due = self.next_due(state, program)
-        if due is not None:
-            await self.store.schedule(profile_id, due)
-        published = await self._produce(profile_id, lines)
-        if published:
-            await self.store.mark_published(profile_id, lines[-1].seq)
-        else:
-            await self.store.schedule(profile_id, now + _PUBLISH_RETRY)  # the schedule publishes what is left
+        try:
+            for line in lines:
+                if line.event.redemption is not None:
+                    r = line.event.redemption
+                    await self.store.put_code(r.code, profile_id, r.event_id, r.reward_id, r.points, r.at)
+            due = self.next_due(state, program)
+            if due is not None:
+                await self.store.schedule(profile_id, due)
+            if await self._produce(profile_id, lines):
+                await self.store.mark_published(profile_id, lines[-1].seq)
+            else:
+                await self.store.schedule(profile_id, now + _PUBLISH_RETRY)  # the schedule publishes the rest
+        except Exception:
+            log.warning("post-commit work for %s failed; the outbox retries it", profile_id, exc_info=True)
 
     @staticmethod
     def next_due(state: Ledger, program: Program | None) -> datetime | None:
@@ -283,6 +292,11 @@ class LoyaltyService:
                 await self.store.set_birthday(profile_id, birthday, self.clock())
                 await self.store.schedule(profile_id, next_birthday(birthday, self.clock()))
             return None
+        now = self.clock()
+        if event.timestamp > now:
+            # A fact dated in the future (a wrong clock upstream) must not move the ledger's time ahead:
+            # it would expire points early.
+            event = event.model_copy(update={"timestamp": now})
         program = await self.program_at(event.timestamp)
         command = command_for(event, program)
         if command is None:
