@@ -27,6 +27,8 @@ from loyalist.settings import Settings
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Schema changes wait for agreement and are serialised by the node; under load they take seconds.
+SCHEMA_TIMEOUT_S = 120.0
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.cql$")
 
 
@@ -114,11 +116,13 @@ def migrate(settings: Settings, session: Session | None = None, *, directory: Pa
         ks = settings.keyspace
         session.execute(
             f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = "
-            f"{{'class': 'SimpleStrategy', 'replication_factor': {settings.cassandra_replication_factor}}}"
+            f"{{'class': 'SimpleStrategy', 'replication_factor': {settings.cassandra_replication_factor}}}",
+            timeout=SCHEMA_TIMEOUT_S,
         )
         session.set_keyspace(ks)
         session.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY, name text, applied_at timestamp)"
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY, name text, applied_at timestamp)",
+            timeout=SCHEMA_TIMEOUT_S,
         )
         done = {row["version"] for row in session.execute("SELECT version FROM schema_migrations")}
         applied: list[str] = []
@@ -128,7 +132,7 @@ def migrate(settings: Settings, session: Session | None = None, *, directory: Pa
                 continue
             started = time.monotonic()
             for statement in split_statements(path.read_text()):
-                session.execute(statement, timeout=60)
+                session.execute(statement, timeout=SCHEMA_TIMEOUT_S)
             session.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, toTimestamp(now()))",
                 (version, path.name),
@@ -144,7 +148,7 @@ def migrate(settings: Settings, session: Session | None = None, *, directory: Pa
 def drop_keyspace(settings: Settings) -> None:
     cluster, session = connect(settings)
     try:
-        session.execute(f"DROP KEYSPACE IF EXISTS {settings.keyspace}", timeout=60)
+        session.execute(f"DROP KEYSPACE IF EXISTS {settings.keyspace}", timeout=SCHEMA_TIMEOUT_S)
     finally:
         cluster.shutdown()
 

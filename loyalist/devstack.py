@@ -321,7 +321,7 @@ class Stack:
             return ""
         return "\n".join("    " + ln for ln in text)
 
-    def up(self, names: Sequence[str]) -> float:
+    def up(self, names: Sequence[str], *, bootstrap_namespace: bool = True) -> float:
         """Start infra first (the JVMs in parallel), bootstrap topics and keyspace, then the services."""
         t0 = time.monotonic()
         waves = [[n for n in names if n in INFRA], [n for n in names if n in SERVICE_NAMES]]
@@ -331,7 +331,7 @@ class Stack:
             for name in wave:
                 took = self.wait_ready(name)
                 self.say(f"{name:<11} ready ({took:.1f}s) on 127.0.0.1:{self.components[name].port}")
-            if wave is waves[0] and ({"kafka", "cassandra"} <= set(wave) or waves[1]):
+            if bootstrap_namespace and wave is waves[0] and ({"kafka", "cassandra"} <= set(wave) or waves[1]):
                 bootstrap(self.s, dev_credentials=True)
                 self.say("bootstrap   topics, Cassandra migrations and dev credentials in place")
         return time.monotonic() - t0

@@ -77,7 +77,8 @@ def stack_settings() -> Iterator[Settings]:
     if os.environ.get("LOYALIST_TEST_INFRA", "local") == "docker":
         overrides, stop = _docker_infra()
     else:
-        Stack(Settings(), quiet=True).up(list(INFRA_FOR_TESTS))
+        # The session bootstraps its own namespace below; the default one is not needed.
+        Stack(Settings(), quiet=True).up(list(INFRA_FOR_TESTS), bootstrap_namespace=False)
     settings = Settings(namespace=f"t_{secrets.token_hex(4)}", **overrides)
     bootstrap(settings, dev_credentials=True)
     yield settings
