@@ -87,7 +87,7 @@ def find_key(doc: Any, needle: str) -> list[tuple[str, Any]]:
 
 
 async def gather(urls: dict[str, str | None], token: str, user_ids: list[str], journeys: dict[str, str],
-                 mail_sink: str, email_domain: str, setup: JSON) -> JSON:
+                 mail_sink: str, email_domain: str, setup: JSON, *, timeline_sample: int = 2000) -> JSON:
     headers = {"Authorization": f"Bearer {token}"}
     report: JSON = {"setup": setup, "urls": urls}
 
@@ -95,47 +95,48 @@ async def gather(urls: dict[str, str | None], token: str, user_ids: list[str], j
         return httpx.AsyncClient(base_url=urls[service] or "", headers=headers, timeout=60,
                                  limits=httpx.Limits(max_connections=32, max_keepalive_connections=32))
 
-    # -- customers (profile API, one export per customer: the profile and its stored timeline)
-    exports: list[JSON | None] = []
+    # -- customers: every profile (profile API), and a sample's stored timelines for the cohort chart
+    docs: list[JSON] = []
     if urls.get("profile"):
         async with client("profile") as c:
 
             async def one(uid: str) -> JSON | None:
                 try:
-                    return await get_json(c, f"/v1/profiles/{uid}/export")  # type: ignore[no-any-return]
+                    return await get_json(c, f"/v1/profiles/{uid}")  # type: ignore[no-any-return]
                 except Unavailable:
                     return None
 
-            exports = await fetch_all(user_ids, one, desc="reading profiles")
-        report["customers"] = customers_section([e for e in exports if e], len(user_ids))
+            async def timeline(uid: str) -> list[str]:
+                try:
+                    body = await get_json(c, f"/v1/profiles/{uid}/events", limit=500)
+                except Unavailable:
+                    return []
+                return [str(e.get("timestamp", ""))[:10] for e in body.get("events", [])
+                        if e.get("event") == "Order Completed" and e.get("timestamp")]
+
+            docs = [d for d in await fetch_all(user_ids, one, desc="reading profiles") if d]
+            step = max(1, len(user_ids) // max(1, timeline_sample))
+            sample = user_ids[::step][:timeline_sample]
+            timelines = await fetch_all(sample, timeline, desc="reading order timelines (sample)")
+        report["customers"] = customers_section(docs, len(user_ids), dict(zip(sample, timelines, strict=True)))
     else:
         report["customers"] = {"missing": "the profile service is not running"}
+    profiles = {d["profile_id"]: d for d in docs if d.get("profile_id")}
 
-    profiles = {e["profile"]["profile_id"]: e["profile"] for e in exports if e}
-    # -- RFM segments and lifecycle stages (segmenter API, per customer)
-    if urls.get("segmenter") and profiles:
+    # -- segment sizes, straight from the segmenter (the demo's segments were defined before the replay)
+    if urls.get("segmenter"):
         async with client("segmenter") as c:
-
-            async def seg(pid: str) -> JSON | None:
-                try:
-                    return await get_json(c, f"/v1/profiles/{pid}/segments")  # type: ignore[no-any-return]
-                except Unavailable:
-                    return None
-
-            per_profile = await fetch_all(list(profiles), seg, desc="reading segments")
-            report["segments"] = segments_section([p for p in per_profile if p], profiles)
             try:
-                report["segments"]["rule_segments"] = await rule_segments(c)
+                report["segments"] = await segments_section(c, profiles)
             except Unavailable as exc:
-                report["segments"]["rule_segments_missing"] = str(exc)
+                report["segments"] = {"missing": str(exc)}
             try:
                 report["models"] = models_section(await get_json(c, "/v1/models"))
             except Unavailable as exc:
                 report["models"] = {"missing": str(exc)}
     else:
-        why = "the segmenter is not running" if not urls.get("segmenter") else "no profiles to segment"
-        report["segments"] = {"missing": why}
-        report["models"] = {"missing": why}
+        report["segments"] = {"missing": "the segmenter is not running"}
+        report["models"] = {"missing": "the segmenter is not running"}
 
     # -- journeys
     if urls.get("journeys") and journeys:
@@ -152,30 +153,25 @@ async def gather(urls: dict[str, str | None], token: str, user_ids: list[str], j
 
     # -- messages (notify's counters and the local mail sink)
     report["messages"] = await messages_section(urls.get("notify"), mail_sink, email_domain)
-    report["loyalty"] = loyalty_section(list(profiles.values()))
+    report["loyalty"] = loyalty_section(docs)
     return report
 
 
-def customers_section(exports: list[JSON], asked: int) -> JSON:
-    docs = [e["profile"] for e in exports]
+def customers_section(docs: list[JSON], asked: int, order_days: dict[str, list[str]]) -> JSON:
     revenue = sum(float(d.get("revenue_total") or 0) for d in docs)
     orders = sum(int(d.get("orders_count") or 0) for d in docs)
     buyers = [d for d in docs if (d.get("orders_count") or 0) >= 1]
     repeat = [d for d in buyers if (d.get("orders_count") or 0) >= 2]
-    order_days = {
-        e["profile"]["profile_id"]: [str(ev.get("timestamp", ""))[:10] for ev in e.get("events", [])
-                                     if ev.get("event") == "Order Completed" and ev.get("timestamp")]
-        for e in exports
-    }
     clv = [(float((d.get("predictions") or {}).get("predicted_clv_365d") or 0), d) for d in docs]
     with_clv = [v for v, d in clv if (d.get("predictions") or {}).get("predicted_clv_365d") is not None]
     top = sorted(clv, key=lambda x: -x[0])[:10]
     return {
-        "asked": asked, "found": len(docs), "buyers": len(buyers), "orders": orders, "revenue": round(revenue, 2),
+        "asked": asked, "found": len(docs), "distinct_profiles": len({d.get("profile_id") for d in docs}),
+        "buyers": len(buyers), "orders": orders, "revenue": round(revenue, 2),
         "repeat_rate": round(len(repeat) / len(buyers), 4) if buyers else None,
         "average_order_value": round(revenue / orders, 2) if orders else None,
         "currency": next((d.get("currency") for d in docs if d.get("currency")), "USD"),
-        "cohorts": cohort_table(order_days),
+        "cohort_sample": len(order_days), "cohorts": cohort_table(order_days),
         "clv_values": [round(v, 2) for v in with_clv],
         "top_clv": [{"user_id": d.get("user_id"), "email": d.get("email"), "predicted_clv_365d": round(v, 2),
                      "orders": d.get("orders_count"), "revenue": d.get("revenue_total"),
@@ -183,32 +179,34 @@ def customers_section(exports: list[JSON], asked: int) -> JSON:
     }
 
 
-def segments_section(per_profile: list[JSON], profiles: dict[str, JSON]) -> JSON:
-    rfm = Counter(((p.get("rfm") or {}).get("segment") or "unscored") for p in per_profile)
-    stages = Counter((p.get("lifecycle_stage") or "unknown") for p in per_profile)
-    at_risk_ids = [p["profile_id"] for p in per_profile if "risk" in str(p.get("lifecycle_stage", "")).lower()]
-    at_risk = sorted((profiles[i] for i in at_risk_ids if i in profiles),
-                     key=lambda d: -float(d.get("revenue_total") or 0))
-    churn_values = [(p.get("predictions") or {}).get("churn_probability") for p in per_profile]
-    churn = [float(v) for v in churn_values if v is not None]
+async def segments_section(c: httpx.AsyncClient, profiles: dict[str, JSON]) -> JSON:
+    listing = await get_json(c, "/v1/segments")
+    sizes: dict[str, JSON] = {}
+    for seg in listing.get("segments", []):
+        detail = await get_json(c, f"/v1/segments/{seg['id']}")
+        sizes[seg["id"]] = {"name": seg.get("name"), "members": detail.get("members"),
+                            "backfill": detail.get("backfill")}
+    rfm = {v["name"].removeprefix("RFM: "): v["members"] for k, v in sizes.items() if k.startswith("demo_rfm_")}
+    stages = {v["name"].removeprefix("Lifecycle: "): v["members"] for k, v in sizes.items()
+              if k.startswith("demo_stage_")}
+    at_risk: list[JSON] = []
+    if "demo_stage_at_risk" in sizes:
+        page = await get_json(c, "/v1/segments/demo_stage_at_risk/members", limit=500)
+        members = [profiles[m["profile_id"]] for m in page.get("members", []) if m["profile_id"] in profiles]
+        at_risk = sorted(members, key=lambda d: -float(d.get("revenue_total") or 0))
+    buyers = (sizes.get("demo_buyers") or {}).get("members")
+    repeat = (sizes.get("demo_repeat") or {}).get("members")
     return {
-        "scored": len(per_profile), "rfm": dict(rfm.most_common()), "lifecycle": dict(stages.most_common()),
-        "at_risk_count": len(at_risk_ids),
+        "rfm": dict(sorted(rfm.items(), key=lambda kv: -(kv[1] or 0))),
+        "lifecycle": dict(sorted(stages.items(), key=lambda kv: -(kv[1] or 0))),
+        "at_risk_count": (sizes.get("demo_stage_at_risk") or {}).get("members"),
+        "high_churn_risk": (sizes.get("demo_high_churn") or {}).get("members"),
+        "repeat_rate": round(repeat / buyers, 4) if buyers and repeat is not None else None,
         "at_risk_top": [{"user_id": d.get("user_id"), "email": d.get("email"), "revenue": d.get("revenue_total"),
                          "orders": d.get("orders_count"), "last_order_at": d.get("last_order_at")}
                         for d in at_risk[:10]],
-        "high_churn_risk": sum(1 for c in churn if c >= 0.7),
-        "with_churn_probability": len(churn),
+        "other_segments": {k: v for k, v in sizes.items() if not k.startswith("demo_")},
     }
-
-
-async def rule_segments(c: httpx.AsyncClient) -> list[JSON]:
-    listing = await get_json(c, "/v1/segments")
-    out = []
-    for s in listing.get("segments", []):
-        detail = await get_json(c, f"/v1/segments/{s['id']}")
-        out.append({"id": s["id"], "name": s.get("name"), "members": detail.get("members")})
-    return out
 
 
 def models_section(status: JSON) -> JSON:
@@ -255,6 +253,10 @@ def loyalty_section(docs: Iterable[JSON]) -> JSON:
 # ---- text ---------------------------------------------------------------------------------------------------
 
 
+def _n(v: Any) -> str:
+    return "—" if v is None else f"{v:,}"
+
+
 def money(v: Any, currency: str = "USD") -> str:
     return "—" if v is None else f"{'$' if currency == 'USD' else currency + ' '}{float(v):,.2f}"
 
@@ -273,7 +275,8 @@ def render_text(r: JSON) -> str:
     else:
         cur = c.get("currency") or "USD"
         lines += [
-            f"  customers with a profile  {c['found']:,} of {c['asked']:,}",
+            f"  customers with a profile  {c['found']:,} of {c['asked']:,} "
+            f"({c['distinct_profiles']:,} distinct profile ids)",
             f"  orders                    {c['orders']:,}",
             f"  revenue                   {money(c['revenue'], cur)}",
             f"  average order value       {money(c['average_order_value'], cur)}",
@@ -292,15 +295,15 @@ def render_text(r: JSON) -> str:
     if "missing" in g:
         lines.append(f"  not available: {g['missing']}")
     else:
-        lines.append("  RFM segments: " + ", ".join(f"{k} {v:,}" for k, v in g["rfm"].items()))
-        lines.append("  lifecycle:    " + ", ".join(f"{k} {v:,}" for k, v in g["lifecycle"].items()))
-        lines.append(f"  at risk:      {g['at_risk_count']:,} customers; churn probability ≥ 0.7: "
-                     f"{g['high_churn_risk']:,} of {g['with_churn_probability']:,} scored")
+        lines.append("  RFM segments: " + ", ".join(f"{k} {_n(v)}" for k, v in g["rfm"].items()))
+        lines.append("  lifecycle:    " + ", ".join(f"{k} {_n(v)}" for k, v in g["lifecycle"].items()))
+        if g.get("repeat_rate") is not None:
+            lines.append(f"  repeat buyers (segment sizes): {g['repeat_rate'] * 100:.1f}% of buyers")
+        lines.append(f"  at risk:      {_n(g['at_risk_count'])} customers; churn probability >= 0.7: "
+                     f"{_n(g['high_churn_risk'])}")
         for t in g["at_risk_top"][:5]:
             lines.append(f"    {t['email'] or t['user_id']:<34} {money(t['revenue'])} over {t['orders']} orders, "
                          f"last {str(t['last_order_at'])[:10]}")
-        for seg in g.get("rule_segments", []):
-            lines.append(f"  segment '{seg['name']}': {seg['members']} members")
     m = r["models"]
     if "missing" in m:
         lines.append(f"  churn model: not available: {m['missing']}")
@@ -423,8 +426,9 @@ def render_html(r: JSON, text: str) -> str:
     c, g = r["customers"], r["segments"]
     cohorts = svg_heatmap(c.get("cohorts", {})) if "missing" not in c else f"<p>{html.escape(c['missing'])}</p>"
     clv = svg_histogram(c.get("clv_values", [])) if "missing" not in c else ""
-    rfm = svg_bars(list(g["rfm"].items())) if "missing" not in g else f"<p>{html.escape(g['missing'])}</p>"
-    stages = svg_bars(list(g["lifecycle"].items())) if "missing" not in g else ""
+    rfm = (svg_bars([(k, float(v or 0)) for k, v in g["rfm"].items()]) if "missing" not in g
+           else f"<p>{html.escape(g['missing'])}</p>")
+    stages = svg_bars([(k, float(v or 0)) for k, v in g["lifecycle"].items()]) if "missing" not in g else ""
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Loyalist demo report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}}
 h2{{border-bottom:2px solid #006d77;padding-bottom:4px}} pre{{background:#f4f7f7;padding:1em;overflow-x:auto;
@@ -433,7 +437,8 @@ font-size:12px}} .grid{{display:grid;grid-template-columns:1fr 1fr;gap:2em}}</st
 <p>Every figure below was read from the running services' APIs after replaying the CDNOW order history and a
 simulated storefront through the public ingest API.</p>
 <h2>Cohort retention</h2><p>Share of each month's new customers who ordered again <i>k</i> months later
-(from the event store's timelines, profile API).</p>{cohorts}
+(from the stored order timelines of {c.get("cohort_sample", 0):,} customers, read through the profile API).</p>
+{cohorts}
 <div class="grid"><div><h2>RFM segments</h2>{rfm}</div><div><h2>Lifecycle stages</h2>{stages}</div></div>
 <h2>Predicted customer lifetime value</h2>{clv}
 <h2>The full report</h2><pre>{html.escape(text)}</pre></body></html>"""

@@ -43,19 +43,57 @@ JOURNEY_TEMPLATES: dict[str, tuple[str, JSON]] = {
 }
 
 
+STAGES = ("prospect", "first_time_buyer", "repeat", "vip", "at_risk", "lapsed", "won_back")
+RFM_NAMES = ("Champions", "Loyal", "Potential Loyalist", "New", "Promising", "Need Attention", "About to Sleep",
+             "At Risk", "Can't Lose Them", "Hibernating", "Lost")
+
+
+def demo_segments() -> dict[str, JSON]:
+    """Segments the report reads its sizes from, created before the replay so the segmenter keeps them live."""
+    out: dict[str, JSON] = {
+        "demo_buyers": {"name": "Buyers", "rule": {"field": "orders_count", "op": "gte", "value": 1}},
+        "demo_repeat": {"name": "Repeat buyers", "rule": {"field": "orders_count", "op": "gte", "value": 2}},
+        "demo_high_churn": {"name": "High churn risk",
+                            "rule": {"prediction": "churn_probability", "op": "gte", "value": 0.7}},
+    }
+    for stage in STAGES:
+        out[f"demo_stage_{stage}"] = {"name": f"Lifecycle: {stage}", "rule": {"lifecycle_stage": [stage]}}
+    for name in RFM_NAMES:
+        slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower())
+        out[f"demo_rfm_{slug}"] = {"name": f"RFM: {name}", "rule": {"rfm_segment": [name]}}
+    return out
+
+
+async def create_segments(url: str, token: str) -> tuple[list[str], list[str]]:
+    made: list[str] = []
+    problems: list[str] = []
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+        for sid, body in demo_segments().items():
+            try:
+                await post_json(c, "/v1/segments", {"id": sid, **body}, ok=(201, 409))
+                made.append(sid)
+            except (Unavailable, httpx.HTTPError) as exc:
+                problems.append(f"{sid}: {exc}")
+    return made, problems
+
+
 def say(msg: str) -> None:
     tqdm.write(msg)
 
 
-async def wait_for_processing(settings: Settings, timeout_s: float, desc: str) -> bool:
-    """Progress of every consumer group of the namespace until none is behind (or the timeout)."""
+async def wait_for_processing(settings: Settings, timeout_s: float, desc: str,
+                              services: tuple[str, ...] = ("profile", "segmenter")) -> bool:
+    """Progress of the services' consumer groups (faust app id = ``<namespace>-<service>``) until none is
+    behind, or the timeout."""
+    wanted = {f"{settings.namespace}-{s}" for s in services}
     bar = tqdm(desc=desc, unit="ev", unit_scale=True, dynamic_ncols=True)
     deadline = time.monotonic() + timeout_s
     caught_up = False
     quiet_since: float | None = None
+    progress: dict[str, tuple[int, int]] = {}
     try:
         while time.monotonic() < deadline:
-            progress = await group_progress(settings)
+            progress = {g: v for g, v in (await group_progress(settings)).items() if g in wanted}
             done = sum(d for d, _ in progress.values())
             end = sum(e for _, e in progress.values())
             bar.total = max(end, 1)
@@ -72,6 +110,9 @@ async def wait_for_processing(settings: Settings, timeout_s: float, desc: str) -
             await asyncio.sleep(1)
     finally:
         bar.close()
+    if not caught_up:
+        behind = {g: e - d for g, (d, e) in progress.items() if e > d}
+        say(f"    still behind: {behind}")
     return caught_up
 
 
@@ -104,6 +145,15 @@ async def run(args: argparse.Namespace, settings: Settings, urls: dict[str, str 
     }}
     ingest = urls["ingest"]
     assert ingest is not None
+
+    # 0. the segments the report reads (kept live by the segmenter from the first event on)
+    if urls.get("segmenter"):
+        made, problems = await create_segments(urls["segmenter"] or "", token)
+        setup["segments_created"] = made
+        if problems:
+            setup["segments_missing"] = "; ".join(problems[:3])
+        say(f"segments for the report: {len(made)} defined in the segmenter" + (f" ({len(problems)} failed: "
+            f"{problems[0][:160]})" if problems else ""))
 
     # 1. history
     orders = load_orders()
@@ -171,7 +221,8 @@ async def run(args: argparse.Namespace, settings: Settings, urls: dict[str, str 
     wait = args.journey_wait_s
     for _ in tqdm(range(int(wait)), desc="letting journeys run", unit="s", dynamic_ncols=True):
         await asyncio.sleep(1)
-    await wait_for_processing(settings, 60, "stream processors")
+    await wait_for_processing(settings, 60, "stream processors",
+                              ("profile", "segmenter", "journeys", "notify"))
 
     # 5. report
     say("\n5/5 report (read from the services' APIs)")
