@@ -462,6 +462,12 @@ async def test_statement_pages_with_running_balance_and_api_errors(
         code = won.json()["redemption"]["code"]
         looked_up = (await client.get(f"/v1/loyalty/codes/{code}")).json()
         assert looked_up["profile_id"] == profile_id and looked_up["reward_id"] == "off5"
+        # The reward also travels as an event (7 adjustments + 1 redemption in events.raw).
+        published = await _loyalty_events(stack_settings, profile_id, want=8)
+        redeemed = [e for e in published if e.event == "Points Redeemed"]
+        assert len(redeemed) == 1 and redeemed[0].properties["reward"]["code"] == code
+        assert redeemed[0].properties["balance_after"] == 205
+        assert next(e.properties["note"] for e in published if e.event == "Points Adjusted") == "correction 0"
 
     # Scopes: no token → 401; a read-only token reads but cannot write.
     cluster, session = connect(stack_settings, keyspace=stack_settings.keyspace)
