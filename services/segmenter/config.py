@@ -25,6 +25,10 @@ class SegmenterConfig(BaseSettings):
     churn_label_days: float = 90.0
     # Observe a customer for the churn model at most this often (days); every order is observed.
     churn_observation_interval_days: float = 7.0
+    # An untrained model says 0.5 for everyone: publish churn probabilities only after this many updates.
+    churn_min_updates_to_publish: int = 50
+    # How often observations whose label window closed without an order are labelled "churned".
+    churn_label_scan_interval_s: float = 60.0
     # CLV refit and prediction write-back; 0 disables the periodic refit.
     clv_refit_interval_s: float = 24 * 3600.0
     clv_period_days: int = 7

@@ -187,8 +187,9 @@ class SegmenterEngine:
         if self.churn is not None:
             # Outside the customer lock: writing predictions takes it again.
             probability = await self.churn.observe(profile_id, document, old_document)
-            await self.write_predictions(profile_id, {"churn_probability": round(probability, 4)},
-                                         f"churn-v{self.churn.churn_version}")
+            if self.churn.churn.updates >= self.config.churn_min_updates_to_publish:
+                await self.write_predictions(profile_id, {"churn_probability": round(probability, 4)},
+                                             f"churn-v{self.churn.churn_version}")
 
     async def on_event_resolved(self, message: dict[str, Any]) -> None:
         merge = message.get("merge")

@@ -197,8 +197,9 @@ class ModelRuntime:
                 "expected_orders_90d": round(p.expected_orders_90d, 4),
                 "predicted_clv_365d": None if p.predicted_clv_365d is None else round(p.predicted_clv_365d, 2),
                 "expected_next_order_at": None if p.expected_next_order_at is None else iso(p.expected_next_order_at),
-                "churn_probability": round(self.churn.predict(churn_features(stored.document, now)), 4),
             }
+            if self.churn.updates >= self.config.churn_min_updates_to_publish:
+                values["churn_probability"] = round(self.churn.predict(churn_features(stored.document, now)), 4)
             if await self.engine.write_predictions(p.customer_id, values,
                                                    f"{model.version}+churn-v{self.churn_version}"):
                 written += 1
@@ -214,13 +215,14 @@ class ModelRuntime:
         }
 
     async def _loop(self) -> None:
-        last_refit = time.monotonic()
+        last_refit = last_scan = time.monotonic()
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 1.0)
             try:
                 await self.flush()
-                if int(time.monotonic()) % 60 == 0:
+                if time.monotonic() - last_scan >= self.config.churn_label_scan_interval_s:
+                    last_scan = time.monotonic()
                     await self.learn_pending()
                 interval = self.config.clv_refit_interval_s
                 if interval > 0 and time.monotonic() - last_refit >= interval:

@@ -146,8 +146,10 @@ async def transitions_for(settings: Settings, profile_id: str, segment_id: str |
 
 @pytest.fixture(scope="module")
 def segmenter(start_service: Callable[..., ServiceProcess]) -> Iterator[ServiceProcess]:
+    # Churn labels after 4.3 s (instead of 90 days) so delayed labels and checkpoints can be watched.
     svc = start_service("segmenter", LOYALIST_SEGMENTER_SCHEDULER_POLL_S="0.2",
-                        LOYALIST_SEGMENTER_CLV_REFIT_INTERVAL_S="0")
+                        LOYALIST_SEGMENTER_CLV_REFIT_INTERVAL_S="0", LOYALIST_SEGMENTER_CHURN_LABEL_DAYS="0.00005",
+                        LOYALIST_SEGMENTER_CHURN_LABEL_SCAN_INTERVAL_S="1")
     yield svc
 
 
@@ -363,3 +365,182 @@ async def test_membership_of_another_segment_and_lifecycle_and_rfm(api: httpx.Cl
         assert got[0]["change"] == "entered"
     info = (await aapi.get(f"/v1/profiles/{pid}/segments")).json()
     assert info["lifecycle_stage"] == "vip" and info["rfm"]["segment"] != "Lost"
+
+
+# ---- restarts: nothing lost, nothing repeated ------------------------------------------------------
+
+
+async def test_hard_restart_neither_loses_nor_repeats_membership_changes(
+        api: httpx.Client, segmenter: ServiceProcess, stack_settings: Settings) -> None:
+    segment = create(api, {"trait": "tier", "op": "eq", "value": "gold"}, "gold tier")
+    pids = [uid("r") for _ in range(30)]
+    tiers = ["gold", "silver", "gold", "silver"]
+    async with Inputs(stack_settings) as inputs:
+        for tier in tiers:
+            for pid in pids:
+                await inputs.changed(profile_changed(profile_document(pid, traits={"tier": tier}), event="identify"))
+
+    async def some_progress() -> bool:
+        messages = [m for m in await membership_messages(stack_settings) if m["segmentId"] == segment]
+        return len(messages) >= 10
+
+    await wait_for(some_progress)
+    segmenter.kill(hard=True)  # SIGKILL mid-stream: no graceful commit, no flush
+    segmenter.start()
+
+    async def all_done() -> list[dict[str, Any]] | None:
+        messages = [m for m in await membership_messages(stack_settings) if m["segmentId"] == segment]
+        return messages if len(messages) >= len(pids) * len(tiers) else None
+
+    messages = await wait_for(all_done, timeout_s=120)
+    await asyncio.sleep(2)  # anything repeated after the last expected message would show up now
+    messages = [m for m in await membership_messages(stack_settings) if m["segmentId"] == segment]
+    for pid in pids:
+        mine = [m for m in messages if m["profileId"] == pid]
+        assert [m["change"] for m in mine] == ["entered", "exited", "entered", "exited"], mine
+        assert [m["transitionId"] for m in mine] == [f"{segment}:{pid}:{n}" for n in range(1, 5)]
+    assert len(messages) == len(pids) * len(tiers)
+
+
+async def test_outbox_left_by_a_crash_is_sent_once(segmenter: ServiceProcess, stack_settings: Settings) -> None:
+    from loyalist.cassandra import connect
+
+    existing = (await membership_messages(stack_settings))[0]
+    pid = uid("o")
+    missing = {"profileId": pid, "segmentId": "crash-test", "segmentName": "crash test", "change": "entered",
+               "reason": "test", "at": iso(datetime.now(UTC)), "transitionId": f"crash-test:{pid}:1"}
+    cluster, session = connect(stack_settings, keyspace=stack_settings.keyspace)
+    try:
+        segmenter.kill(hard=True)
+        insert = "INSERT INTO seg_outbox (shard, transition_id, payload, created_at) VALUES (0, %s, %s, %s)"
+        # a message that reached Kafka before the crash, and one that did not
+        # its outbox row was written when the state changed, i.e. at the transition's "at" (before the send)
+        written_at = datetime.fromisoformat(existing["at"].replace("Z", "+00:00"))
+        session.execute(insert, (existing["transitionId"], orjson.dumps(existing).decode(), written_at))
+        session.execute(insert, (missing["transitionId"], orjson.dumps(missing).decode(), datetime.now(UTC)))
+        segmenter.start()
+        assert list(session.execute("SELECT transition_id FROM seg_outbox WHERE shard = 0")) == []
+    finally:
+        cluster.shutdown()
+    messages = await membership_messages(stack_settings)
+    assert [m["transitionId"] for m in messages].count(missing["transitionId"]) == 1
+    assert [m["transitionId"] for m in messages].count(existing["transitionId"]) == 1
+
+
+async def test_time_triggered_change_survives_a_restart(api: httpx.Client, aapi: httpx.AsyncClient,
+                                                       segmenter: ServiceProcess, stack_settings: Settings) -> None:
+    segment = create(api, {"field": "last_order_at", "op": "more_than_days_ago", "value": 1}, "quiet (restart)")
+    pid = uid("d")
+    due = datetime.now(UTC) + timedelta(seconds=6)
+    async with Inputs(stack_settings) as inputs:
+        await inputs.changed(profile_changed(profile_document(pid, orders=1, revenue=5,
+                                                              last_order_at=due - timedelta(days=1))))
+
+    async def seen() -> bool:
+        return (await aapi.get(f"/v1/profiles/{pid}/segments")).status_code == 200
+
+    await wait_for(seen)
+    assert await transitions_for(stack_settings, pid, segment) == []
+    segmenter.kill(hard=True)
+    # the change falls due while the service is down
+    await asyncio.sleep(max(0.0, (due + timedelta(seconds=1) - datetime.now(UTC)).total_seconds()))
+    segmenter.start()
+    entered = await wait_for(lambda: transitions_for(stack_settings, pid, segment))
+    await asyncio.sleep(1)
+    assert [m["change"] for m in await transitions_for(stack_settings, pid, segment)] == ["entered"]
+    assert entered[0]["reason"].startswith("time elapsed")
+
+
+# ---- CLV backtest through the service --------------------------------------------------------------
+
+
+async def test_cdnow_backtest_through_the_stream(aapi: httpx.AsyncClient, stack_settings: Settings) -> None:
+    """The CDNOW sample replayed as contract-exact orders: the service's backtest reproduces the published
+    estimates; a population filter on a trait restricts the fit."""
+    from pathlib import Path
+
+    import lifetimes.datasets
+
+    from services.segmenter.domain.clv import parse_cdnow
+
+    transactions = parse_cdnow((Path(lifetimes.datasets.__file__).parent / "CDNOW_sample.txt").read_text()
+                               .splitlines())
+    run = uuid.uuid4().hex[:6]
+    by_customer: dict[str, list[Any]] = {}
+    for t in transactions:
+        by_customer.setdefault(f"cdnow-{run}-{t.customer_id}", []).append(t)
+    async with Inputs(stack_settings) as inputs:
+        sends = []
+        for i, (pid, orders) in enumerate(sorted(by_customer.items())):
+            cohort = "odd" if i % 2 else "even"
+            first = datetime(orders[0].at.year, orders[0].at.month, orders[0].at.day, tzinfo=UTC)
+            doc = profile_document(pid, orders=len(orders), revenue=sum(o.amount for o in orders),
+                                   last_order_at=first, first_order_at=first,
+                                   traits={"cdnow_run": run, "cohort": f"{run}-{cohort}"})
+            sends.append(inputs.changed(profile_changed(doc)))
+            for n, order in enumerate(orders):
+                when = datetime(order.at.year, order.at.month, order.at.day, 12, tzinfo=UTC)
+                sends.append(inputs.resolved(resolved_event(pid, "Order Completed", when, {"total": order.amount},
+                                                            message_id=f"{pid}-{n}")))
+        for chunk in range(0, len(sends), 500):
+            await asyncio.gather(*sends[chunk:chunk + 500])
+
+    request = {"calibration_end": "1997-09-30", "holdout_end": "1998-06-30", "period_days": 7,
+               "population": {"trait": "cdnow_run", "equals": run}, "per_customer_limit": 3}
+
+    async def complete() -> dict[str, Any] | None:
+        resp = await aapi.post("/v1/models/clv/backtest", json=request)
+        if resp.status_code != 200:
+            return None
+        body: dict[str, Any] = resp.json()
+        return body if body["customers"] == 2357 and body["actual_total"] == 1882 else None
+
+    body = await wait_for(complete, timeout_s=180, interval_s=3)
+    published = {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426, "p": 6.25, "q": 3.74, "v": 15.44}
+    for name, value in published.items():
+        assert body["params"][name] == pytest.approx(value, rel=0.01), name
+    assert [p["period"] for p in body["periods"]] == list(range(40, 79))
+    assert len(body["per_customer"]) == 3
+    half = await aapi.post("/v1/models/clv/backtest", json={
+        **request, "population": {"trait": "cohort", "equals": f"{run}-odd"}})
+    assert half.status_code == 200 and half.json()["customers"] == 2357 // 2
+    bad = await aapi.post("/v1/models/clv/backtest", json={**request, "holdout_end": "1997-01-01"})
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_window"
+
+
+async def test_churn_model_learns_delayed_labels_and_restarts_from_its_checkpoint(
+        aapi: httpx.AsyncClient, segmenter: ServiceProcess, stack_settings: Settings) -> None:
+    before = (await aapi.get("/v1/models")).json()["churn"]
+    pids = [uid("c") for _ in range(3)]
+    async with Inputs(stack_settings) as inputs:
+        for pid in pids:
+            await inputs.changed(profile_changed(profile_document(pid, orders=1, revenue=20,
+                                                                  last_order_at=datetime.now(UTC))))
+
+    async def learned() -> dict[str, Any] | None:
+        churn: dict[str, Any] = (await aapi.get("/v1/models")).json()["churn"]
+        return churn if churn["updates"] >= before["updates"] + len(pids) else None
+
+    trained = await wait_for(learned)
+    assert trained["version"] > before["version"] and trained["log_loss"] >= 0
+    metrics = (await aapi.get("/metrics")).text
+    assert "loyalist_segmenter_churn_progressive_log_loss" in metrics
+    segmenter.kill(hard=True)
+    segmenter.start()
+    async with httpx.AsyncClient(base_url=segmenter.url, headers=dict(aapi.headers), timeout=30) as fresh:
+        restored = (await fresh.get("/v1/models")).json()["churn"]
+    from loyalist.cassandra import connect
+
+    cluster, session = connect(stack_settings, keyspace=stack_settings.keyspace)
+    try:
+        rows = {r["version"]: orjson.loads(r["meta"]) for r in session.execute(
+            "SELECT version, meta FROM seg_models WHERE name = 'churn'")}
+    finally:
+        cluster.shutdown()
+    # the restored model is a checkpoint (nothing learned after the kill was kept in memory only) ...
+    assert restored["version"] >= trained["version"]
+    assert restored["updates"] == rows[restored["version"]]["updates"]
+    # ... and each checkpoint adds exactly its own batch: no observation was learned twice
+    for version in sorted(rows)[1:]:
+        if version - 1 in rows:
+            assert rows[version]["updates"] == rows[version - 1]["updates"] + len(rows[version]["batch"])
