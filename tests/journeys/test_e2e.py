@@ -52,7 +52,8 @@ def test_abandoned_checkout_end_to_end_with_kill(
             # marketing email needs an opt-in (notify's default policy)
             track(ingest, settings, "track", {"userId": user, "event": "Subscribed",
                                               "properties": {"channel": "email"}})
-        products = [{"product_id": "sku-1", "name": "Linen shirt", "price": 59.0, "quantity": 1}]
+        products = [{"product_id": "sku-1", "name": "Linen shirt", "price": 59.0, "quantity": 1,
+                     "image_url": "https://shop.example/i/1.jpg"}]
         track(ingest, settings, "track", {"userId": abandoner, "event": "Checkout Started", "properties": {
             "checkout_id": f"chk-{tag}-a", "products": products, "value": 59.0, "currency": "USD",
             "recovery_url": f"https://shop.example/cart/recover/{tag}"}})
@@ -84,8 +85,11 @@ def test_abandoned_checkout_end_to_end_with_kill(
             reminder = wait_for(lambda: sink_messages(stack_settings, emails[abandoner]), 90,
                                 what="the reminder in the SMTP sink")
         except AssertionError:
+            metrics = [line for line in httpx.get(f"{notify.url}/metrics", timeout=10).text.splitlines()
+                       if line.startswith("loyalist_") and "notify" in line and "http" not in line]
             raise AssertionError(f"no email; instance {instance(pid_a)}; delivery log "
-                                 f"{message_log(notify, api_headers, user_id=abandoner)}") from None
+                                 f"{message_log(notify, api_headers, profile_id=pid_a)}; notify metrics {metrics}; "
+                                 f"notify log {notify.log_tail(30)}") from None
         assert reminder[0]["subject"].startswith("You left something in your cart")
         assert "Linen shirt" in reminder[0]["html"]
         # Settle: no duplicate, and nothing for the customer who completed the order.

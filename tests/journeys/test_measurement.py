@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -77,7 +78,7 @@ def test_backtest_segment_and_date_trait_entries() -> None:
     r = backtest(seg, facts, T0, T0 + timedelta(days=1))
     assert r["entered"] == 1 and r["messages"] == {"invite": 1} and r["other_effects"] == {"tag": 1}
     bday = parse_definition(build_template("birthday", {}))
-    profiles = {"a": {"traits": {"birthday": "1990-03-05"}, "timezone": "Europe/Paris"},
+    profiles: dict[str, dict[str, Any]] = {"a": {"traits": {"birthday": "1990-03-05"}, "timezone": "Europe/Paris"},
                 "b": {"traits": {"birthday": "1990-07-01"}}, "c": {"traits": {}}}
     r = backtest(bday, [], T0, T0 + timedelta(days=30), profiles)
     assert r["entered"] == 1 and r["messages"] == {"greet": 1}
