@@ -163,7 +163,9 @@ class SegmenterEngine:
                 metrics.INPUTS.labels("profile.changed", "replay_skipped").inc()
                 return
             if message.get("deleted"):
-                await self._remove_profile(profile_id, stored, "profile deleted", partition, offset)
+                merged_into = message.get("mergedInto")
+                reason = f"merged into {merged_into}" if isinstance(merged_into, str) else "profile deleted"
+                await self._remove_profile(profile_id, stored, reason, partition, offset)
                 metrics.INPUTS.labels("profile.changed", "deleted").inc()
                 return
             document = message.get("profile")

@@ -141,3 +141,22 @@ def test_copurchases_are_idempotent_and_per_customer() -> None:
     cp.add_order("c", "o4", ["y"])
     assert cp.recommend_for("c") == [("x", 1), ("z", 1)]
     assert cp.recommend_for("nobody") == []
+
+
+def test_offline_churn_comparison_on_the_cdnow_sample() -> None:
+    """The online model (delayed labels, progressive validation) against 1 - P(alive) on the same customers
+    and dates of the CDNOW sample; the full-log figures are in docs/segmenter.md."""
+    from datetime import date
+    from pathlib import Path
+
+    import lifetimes.datasets
+
+    from services.segmenter.domain.clv import parse_cdnow, purchase_days
+    from services.segmenter.domain.evaluation import compare_churn_models, monthly_dates
+
+    text = (Path(lifetimes.datasets.__file__).parent / "CDNOW_sample.txt").read_text()
+    result = compare_churn_models(purchase_days(parse_cdnow(text.splitlines())),
+                                  monthly_dates(date(1997, 2, 1), date(1998, 4, 1)))
+    assert result.observations > 30_000 and result.dates[0] == "1997-02-01"
+    assert result.online_auc_exact > result.bgnbd_auc + 0.2
+    assert result.online_progressive_auc > result.bgnbd_auc

@@ -402,11 +402,15 @@ async def test_hard_restart_neither_loses_nor_repeats_membership_changes(
     assert len(messages) == len(pids) * len(tiers)
 
 
-async def test_outbox_left_by_a_crash_is_sent_once(segmenter: ServiceProcess, stack_settings: Settings) -> None:
+async def test_outbox_left_by_a_crash_is_sent_once(api: httpx.Client, segmenter: ServiceProcess,
+                                                   stack_settings: Settings) -> None:
     from loyalist.cassandra import connect
 
-    existing = (await membership_messages(stack_settings))[0]
+    segment = create(api, {"trait": "outbox", "op": "eq", "value": True}, "outbox test")
     pid = uid("o")
+    async with Inputs(stack_settings) as inputs:
+        await inputs.changed(profile_changed(profile_document(pid, traits={"outbox": True}), event="identify"))
+    existing = (await wait_for(lambda: transitions_for(stack_settings, pid, segment)))[0]
     missing = {"profileId": pid, "segmentId": "crash-test", "segmentName": "crash test", "change": "entered",
                "reason": "test", "at": iso(datetime.now(UTC)), "transitionId": f"crash-test:{pid}:1"}
     cluster, session = connect(stack_settings, keyspace=stack_settings.keyspace)
@@ -544,3 +548,42 @@ async def test_churn_model_learns_delayed_labels_and_restarts_from_its_checkpoin
     for version in sorted(rows)[1:]:
         if version - 1 in rows:
             assert rows[version]["updates"] == rows[version - 1]["updates"] + len(rows[version]["batch"])
+
+
+# ---- end to end through the real ingest and profile services ---------------------------------------
+
+
+async def test_end_to_end_from_ingest_through_profile(api: httpx.Client, aapi: httpx.AsyncClient,
+                                                      start_service: Callable[..., ServiceProcess],
+                                                      stack_settings: Settings) -> None:
+    ingest = start_service("ingest")
+    profile = start_service("profile")
+    user = uid("shopper")
+    segment = create(api, {"and": [{"field": "orders_count", "op": "gte", "value": 1},
+                                   {"trait": "plan", "op": "eq", "value": "pro"}]}, f"pro buyers {user}")
+    async with httpx.AsyncClient(base_url=ingest.url, auth=("dev_write_key", ""), timeout=30) as tracker:
+        resp = await tracker.post("/v1/identify", json={"userId": user, "traits": {"plan": "pro"}})
+        assert resp.status_code == 200, resp.text
+        resp = await tracker.post("/v1/track", json={
+            "userId": user, "event": "Order Completed",
+            "properties": {"order_id": uid("o"), "total": 42.0, "revenue": 42.0, "currency": "USD",
+                           "products": [{"product_id": "sku-1"}, {"product_id": "sku-2"}]}})
+        assert resp.status_code == 200, resp.text
+
+    async def entered() -> list[dict[str, Any]] | None:
+        got = [m for m in await membership_messages(stack_settings) if m["segmentId"] == segment]
+        return got or None
+
+    messages = await wait_for(entered, timeout_s=90)
+    assert [m["change"] for m in messages] == ["entered"]
+    assert messages[0]["eventAcceptedAt"]
+    profile_id = messages[0]["profileId"]
+    recs = (await aapi.get(f"/v1/profiles/{profile_id}/recommendations")).json()
+    assert recs["bought"] == ["sku-1", "sku-2"]
+    assert segment in [s["id"] for s in (await aapi.get(f"/v1/profiles/{profile_id}/segments")).json()["segments"]]
+
+    async def on_profile() -> bool:
+        resp = await aapi.get(f"{profile.url}/v1/profiles/{profile_id}")
+        return resp.status_code == 200 and segment in str(resp.json().get("segments"))
+
+    await wait_for(on_profile, timeout_s=60)
