@@ -29,7 +29,7 @@ from loyalist.cassandra import connect
 from loyalist.events import Event, encode_event, utcnow
 from loyalist.kafka import make_producer
 from loyalist.settings import Settings
-from loyalist.topics import EVENTS_RAW, EVENTS_RESOLVED
+from loyalist.topics import EVENTS_RAW, EVENTS_RESOLVED, PROFILE_CHANGED
 from services.profile.loyalty.domain import POINTS_EXPIRED, CompleteOrder, replay
 from services.profile.loyalty.service import LoyaltyService, message_id
 from services.profile.loyalty.settings import LoyaltySettings
@@ -565,3 +565,44 @@ async def test_birthday_from_identify_traits_pays_the_bonus_on_schedule(
     assert ledger.balance == 200
     await service.run_due(birthday + timedelta(hours=4))
     assert (await store.load(profile_id))[0].balance == 200
+
+
+async def test_profile_erasure_deletes_the_ledger_and_its_codes(
+    replicas: list[Replica], program_defined: dict[str, Any], stack_settings: Settings,
+    store_pair: tuple[LedgerStore, LedgerStore],
+) -> None:
+    profile_id, merged_in = f"p-{uuid.uuid4().hex[:10]}", f"p-{uuid.uuid4().hex[:10]}"
+    store = store_pair[0]
+    service = LoyaltyService(stack_settings, LoyaltySettings(), store, ProgramStore(store.session), None,
+                             lambda: utcnow())
+    from services.profile.loyalty.domain import Adjust
+
+    await service.handle(merged_in, Adjust(50, "before merge", "test", "a"))
+    await service.handle_merge(profile_id, [merged_in], utcnow())
+    await service.handle(profile_id, Adjust(150, "credit", "test", "b"))
+    outcome = await service.handle(profile_id, service.redeem_command(profile_id, "off5", "r"))
+    code = outcome.ledger.redemptions["r"].code
+    assert await store.get_code(code) is not None
+
+    producer = make_producer(stack_settings, client_id="loyalty-test")
+    await producer.start()
+    try:
+        topic = stack_settings.topic(PROFILE_CHANGED.name)
+        # A deletion caused by a merge is not an erasure; a real erasure is.
+        await producer.send_and_wait(topic, orjson.dumps({"profileId": merged_in, "deleted": True,
+                                                          "mergedInto": profile_id, "at": utcnow().isoformat()}),
+                                     key=merged_in.encode())
+        await producer.send_and_wait(topic, orjson.dumps({"profileId": profile_id, "deleted": True,
+                                                          "at": utcnow().isoformat()}), key=profile_id.encode())
+    finally:
+        await producer.stop()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ledger, version = await store.load(profile_id)
+        if version == 0:
+            break
+        await asyncio.sleep(0.3)
+    assert version == 0 and ledger.balance == 0
+    assert await store.lines_after(profile_id, 0, 10) == []
+    assert await store.get_code(code) is None
+    assert (await store.load(merged_in))[1] == 0  # the merged-in remains are erased with it

@@ -374,6 +374,41 @@ class LoyaltyService:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
+    # ---- erasure ----------------------------------------------------------------------------------------
+    async def erase(self, profile_id: str, *, depth: int = 0) -> None:
+        """Erase a customer's ledger and the ledgers merged into it (their closed remains)."""
+        ledger, _ = await self.store.load(profile_id)
+        if depth < 5:
+            for key in ledger.action_keys:
+                if key.startswith("merge:"):
+                    await self.erase(key.removeprefix("merge:"), depth=depth + 1)
+        await self.store.erase(profile_id)
+        log.info("loyalty ledger of %s erased", profile_id)
+
+    async def process_profile_changes(self, values: list[bytes]) -> int:
+        """Erasures on ``profile.changed`` (``{"profileId", "deleted": true}``). A deletion because of a merge
+        (``mergedInto``) is not an erasure: the merge itself moves the ledger."""
+        erased = 0
+        for raw in values:
+            if b'"deleted"' not in raw:  # cheap filter: almost every message is a profile update
+                continue
+            try:
+                message = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if message.get("deleted") is True and not message.get("mergedInto") and message.get("profileId"):
+                delay = 0.2
+                while True:
+                    try:
+                        await self.erase(str(message["profileId"]))
+                        break
+                    except Exception:
+                        log.exception("erasing the loyalty ledger failed; retrying in %.1fs", delay)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 10.0)
+                erased += 1
+        return erased
+
     # ---- the schedule --------------------------------------------------------------------------------
     async def run_due(self, now: datetime | None = None, *, limit: int = 500) -> int:
         """Hold every expiry and tier review due by ``now`` (and publish leftovers). Returns accounts handled."""

@@ -117,6 +117,11 @@ class LedgerStore:
             "INSERT INTO loyalty_birthdays (profile_id, month, day, updated_at) VALUES (?, ?, ?, ?)"
         )
         self._get_birthday = p("SELECT month, day FROM loyalty_birthdays WHERE profile_id = ?")
+        self._codes_of = p("SELECT line FROM loyalty_ledger WHERE profile_id = ? AND kind = ? ALLOW FILTERING")
+        self._delete_code = p("DELETE FROM loyalty_codes WHERE code = ?")
+        self._delete_ledger = p("DELETE FROM loyalty_ledger WHERE profile_id = ?")
+        self._delete_published = p("DELETE FROM loyalty_published WHERE profile_id = ?")
+        self._delete_birthday = p("DELETE FROM loyalty_birthdays WHERE profile_id = ?")
         self._accounts = p(
             "SELECT profile_id, balance, lifetime_points, tier FROM loyalty_ledger PER PARTITION LIMIT 1"
         )
@@ -198,6 +203,20 @@ class LedgerStore:
     async def birthday(self, profile_id: str) -> tuple[int, int] | None:
         rows = await execute(self.session, self._get_birthday, (profile_id,))
         return (int(rows[0]["month"]), int(rows[0]["day"])) if rows else None
+
+    async def erase(self, profile_id: str) -> int:
+        """Delete everything loyalty holds about a customer (right to erasure). Returns codes deleted."""
+        rows = await execute(self.session, self._codes_of, (profile_id, "Points Redeemed"))
+        codes = [
+            line["redemption"]["code"] for line in (orjson.loads(r["line"]) for r in rows if r["line"])
+            if line.get("redemption")
+        ]
+        for code in codes:
+            await execute(self.session, self._delete_code, (code,))
+        await execute(self.session, self._delete_ledger, (profile_id,))
+        await execute(self.session, self._delete_published, (profile_id,))
+        await execute(self.session, self._delete_birthday, (profile_id,))
+        return len(codes)
 
     async def accounts(self) -> AsyncIterator[dict[str, Any]]:
         """Every account's headline numbers (a full scan: reports, not the request path)."""

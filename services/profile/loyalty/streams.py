@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import faust
 
 from loyalist.settings import Settings
-from loyalist.topics import EVENTS_RESOLVED
+from loyalist.topics import EVENTS_RESOLVED, PROFILE_CHANGED
 from services.profile.loyalty.service import LoyaltyService
 from services.profile.loyalty.settings import LoyaltySettings
 
@@ -30,6 +30,17 @@ def register_streams(
         # failures itself, so nothing is acknowledged before its effect is stored.
         async for values in stream.take(config.batch_size, within=0.5):
             await get_service().process_resolved(list(values))
+            yield None
+
+    changes = stream_app.topic(
+        settings.topic(PROFILE_CHANGED.name), key_type=bytes, value_type=bytes,
+        key_serializer="raw", value_serializer="raw",
+    )
+
+    @stream_app.agent(changes, name="loyalty_erasure")
+    async def loyalty_erasure(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+        async for values in stream.take(config.batch_size, within=0.5):
+            await get_service().process_profile_changes(list(values))
             yield None
 
     @stream_app.task
