@@ -179,10 +179,14 @@ def plan_resolution(identifiers: Sequence[Identifier], known: Mapping[Identifier
     >>> p = plan_resolution([a, b], {a: "p0aaa", b: "p0bbb"})
     >>> p.target, p.merge_from, p.claims
     ('p0aaa', ('p0bbb',), ())
+    >>> c = Identifier("user_id", "u3")
+    >>> plan_resolution([c], {a: "p0aaa", b: "p0bbb"}).target == profile_id_for(c)
+    True
     """
     if not identifiers:
         raise ValueError("an event without identifiers cannot be resolved")
-    found = {pid for pid in known.values() if pid}
+    # Only this event's identifiers count: ``known`` may hold a whole batch's identity graph.
+    found = {pid for i in identifiers if (pid := known.get(i))}
     claims = tuple(i for i in identifiers if not known.get(i))
     # A known identifier's candidate is never below its profile's id, so only new ones can lower it.
     target = min({profile_id_for(i) for i in claims} | found)
