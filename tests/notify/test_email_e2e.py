@@ -101,6 +101,12 @@ def test_request_gives_one_email_and_the_unsubscribe_link_stops_marketing(
     assert {e.properties["idempotency_key"] for e in sent} == {first["idempotencyKey"], receipt["idempotencyKey"]}
     assert all(e.properties["journey_id"] == "j-test" for e in sent)
 
+    metrics = httpx.get(f"{notify.url}/metrics", timeout=10).text
+    assert 'loyalist_notify_sent_total{category="marketing",channel="email"}' in metrics
+    assert 'loyalist_notify_skipped_total{channel="email",reason="unsubscribed"}' in metrics
+    assert "loyalist_notify_delivery_latency_seconds_bucket" in metrics
+    assert 'loyalist_notify_duplicates_total{status="sent"}' in metrics
+
 
 def test_one_click_unsubscribe_and_tracking_links(
     stack_settings: Settings, notify: ServiceProcess, api_headers: dict[str, str]
