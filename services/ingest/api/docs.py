@@ -41,9 +41,10 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
           "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
 }
 
-_ID = {"type": ["string", "number", "null"], "description": "string (numbers are stringified)"}
+_ID = {"type": ["string", "number", "null"], "maxLength": 200, "description": "string (numbers are stringified)"}
 _OBJ = {"type": ["object", "null"]}
-_TIME = {"type": ["string", "null"], "format": "date-time", "description": "ISO 8601"}
+_TIME = {"type": ["string", "null"], "format": "date-time", "pattern": "^[12][0-9]{3}-",
+         "description": "ISO 8601 / RFC 3339, years 1000-2999"}
 
 COMMON_PROPERTIES: dict[str, Any] = {
     "userId": {**_ID, "description": "your id of the customer"},
@@ -57,7 +58,10 @@ COMMON_PROPERTIES: dict[str, Any] = {
     "integrations": _OBJ,
     "writeKey": {"type": "string", "description": "alternative to HTTP Basic authentication"},
 }
-_IDENTITY = {"anyOf": [{"required": ["userId"]}, {"required": ["anonymousId"]}]}
+# Blank strings count as absent, so "present" means a non-blank string or a number.
+_PRESENT_ID = {"type": ["string", "number"], "pattern": r"\S", "maxLength": 200}
+_IDENTITY = {"anyOf": [{"required": ["userId"], "properties": {"userId": _PRESENT_ID}},
+                       {"required": ["anonymousId"], "properties": {"anonymousId": _PRESENT_ID}}]}
 
 
 def _call(kind: str, extra: dict[str, Any], required: list[str], description: str) -> dict[str, Any]:
@@ -83,9 +87,9 @@ CALL_SCHEMAS: dict[str, dict[str, Any]] = {
                            "properties": _OBJ}, [], "A page view"),
     "screen": _call("screen", {"name": {"type": ["string", "null"]}, "category": {"type": ["string", "null"]},
                                "properties": _OBJ}, [], "A mobile screen view"),
-    "group": _call("group", {"groupId": {"type": ["string", "number"]}, "traits": _OBJ}, ["groupId"],
+    "group": _call("group", {"groupId": _PRESENT_ID, "traits": _OBJ}, ["groupId"],
                    "Membership of a group"),
-    "alias": _call("alias", {"previousId": {"type": ["string", "number"]}, "userId": {"type": ["string", "number"]}},
+    "alias": _call("alias", {"previousId": _PRESENT_ID, "userId": _PRESENT_ID},
                    ["previousId", "userId"], "previousId and userId name the same customer"),
 }
 

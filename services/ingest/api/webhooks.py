@@ -185,22 +185,34 @@ async def zendesk_webhook(request: Request, account: str = Path(max_length=200))
                           delivery_id=None)
 
 
+_PRESENT = {"type": "string", "pattern": r"\S", "maxLength": 190}
 SUPPORT_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["type", "id"],
     "properties": {
         "type": {"enum": ["ticket.opened", "ticket.updated", "ticket.solved", "satisfaction.rated", "nps.responded"]},
-        "id": {"type": "string", "minLength": 1, "description": "unique per fact (deduplication)"},
-        "userId": {"type": "string"}, "email": {"type": "string"}, "anonymousId": {"type": "string"},
-        "timestamp": {"type": "string", "format": "date-time"}, "helpdesk": {"type": "string"},
+        "id": {"type": "string", "pattern": r"\S", "maxLength": 150, "description": "unique per fact (deduplication)"},
+        "userId": {"type": "string", "maxLength": 190}, "email": {"type": "string", "maxLength": 190},
+        "anonymousId": {"type": "string", "maxLength": 190},
+        "timestamp": {"type": "string", "format": "date-time", "pattern": "^[12][0-9]{3}-"},
+        "helpdesk": {"type": "string", "maxLength": 40},
         "ticket": {"type": "object", "properties": {
             "id": {"type": "string"}, "subject": {"type": "string"}, "status": {"type": "string"},
             "previous_status": {"type": "string"}, "priority": {"type": "string"}, "channel": {"type": "string"},
             "tags": {"type": "array", "items": {"type": "string"}},
-            "resolution_time_seconds": {"type": "number"}}},
+            "resolution_time_seconds": {"type": "number", "minimum": 0}}},
         "rating": {"enum": ["good", "bad"]}, "score": {"type": "integer", "minimum": 0, "maximum": 10},
         "comment": {"type": "string"}, "surveyId": {"type": "string"},
     },
-    "anyOf": [{"required": ["userId"]}, {"required": ["email"]}, {"required": ["anonymousId"]}],
+    "anyOf": [{"required": ["userId"], "properties": {"userId": _PRESENT}},
+              {"required": ["email"], "properties": {"email": _PRESENT}},
+              {"required": ["anonymousId"], "properties": {"anonymousId": _PRESENT}}],
+    "allOf": [
+        {"if": {"properties": {"type": {"const": "nps.responded"}}}, "then": {"required": ["score"]}},
+        {"if": {"properties": {"type": {"const": "satisfaction.rated"}}}, "then": {"required": ["rating"]}},
+        {"if": {"properties": {"type": {"enum": ["ticket.opened", "ticket.updated", "ticket.solved"]}}},
+         "then": {"required": ["ticket"], "properties": {"ticket": {
+             "required": ["id"], "properties": {"id": {"type": "string", "pattern": r"\S"}}}}}},
+    ],
 }}}}}
 
 

@@ -71,9 +71,10 @@ def map_support(payload: Any, *, source: str, received_at: datetime) -> list[dic
     if not fact_id:
         raise MessageRejected("missing_id", "id (unique per fact, used for deduplication) is required")
     email = text(payload.get("email"))
-    who = identity(customer_id=payload.get("userId"), email=email)
-    if payload.get("anonymousId") and not who:
-        who = {"anonymousId": str(payload["anonymousId"])}
+    user_id, anonymous_id = text(payload.get("userId")), text(payload.get("anonymousId"))
+    who = {"userId": user_id} if user_id else identity(customer_id=None, email=email)
+    if anonymous_id and not who:
+        who = {"anonymousId": anonymous_id}
     ticket = obj(payload.get("ticket"))
     helpdesk = text(payload.get("helpdesk")) or source
     props: dict[str, Any] = {"helpdesk": helpdesk}
@@ -97,6 +98,8 @@ def map_support(payload: Any, *, source: str, received_at: datetime) -> list[dic
     if kind == "nps.responded":
         score = payload.get("score")
         if isinstance(score, str) and score.strip().isdigit():
+            score = int(score)
+        if isinstance(score, float) and score.is_integer():  # JSON Schema's "integer" includes 9.0
             score = int(score)
         if not isinstance(score, int) or isinstance(score, bool) or not 0 <= score <= 10:
             raise MessageRejected("invalid_score", "score must be an integer from 0 to 10")

@@ -26,6 +26,7 @@ services.ingest.domain.tracking.MessageRejected: missing_identity: a message nee
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ _KNOWN_FIELDS = frozenset({
     "category", "channel", "version", "source", "schemaVersion",
 })
 MAX_ID_LENGTH = 200
+_LEAP_SECOND = re.compile(r"T\d\d:\d\d:60")
 
 
 class MessageRejected(Exception):
@@ -77,18 +79,18 @@ def parse_timestamp(value: Any, field: str) -> datetime | None:
         return None
     try:
         if isinstance(value, str):
-            parsed = datetime.fromisoformat(value.strip())
+            # RFC 3339 allows lower-case separators and leap seconds; Python's parser wants neither.
+            iso = value.strip().replace("t", "T").replace("z", "Z")
+            parsed = datetime.fromisoformat(iso.replace(":60", ":59") if _LEAP_SECOND.search(iso) else iso)
         elif isinstance(value, int | float) and not isinstance(value, bool):
             parsed = datetime.fromtimestamp(value / 1000.0, UTC)
         else:
             raise ValueError(value)
+        if parsed.tzinfo is None:
+            return parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
     except (ValueError, OverflowError, OSError) as exc:
         raise MessageRejected("invalid_timestamp", f"{field} is not an ISO 8601 date-time") from exc
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC)
-    if parsed.year < 1970 or parsed.year > 9999:
-        raise MessageRejected("invalid_timestamp", f"{field} is out of range")
-    return parsed.astimezone(UTC)
 
 
 def _as_id(value: Any, field: str) -> str | None:
@@ -125,7 +127,10 @@ def correct_clock_skew(
         return received_at
     if sent_at is None:
         return original
-    return received_at - (sent_at - original)
+    try:
+        return received_at - (sent_at - original)
+    except OverflowError:  # absurd client clocks (year 1 vs 9999): keep what the client said
+        return original
 
 
 def normalize_message(
