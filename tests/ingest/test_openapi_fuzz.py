@@ -33,7 +33,7 @@ def test_openapi_contract(ingest: Any) -> None:
     failures: dict[str, str] = {}
     operations = 0
     for result in schema.get_all_operations():
-        operation = result.ok()
+        operation = result.ok()  # type: ignore[union-attr]  # an invalid schema raises here, failing the test
         operations += 1
         auth = bearer if operation.path.startswith("/v1/sources") else basic
 
