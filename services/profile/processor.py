@@ -177,9 +177,11 @@ class Resolver:
         # Claims race with other workers: a lost claim adds what the winner wrote and the batch is planned
         # again, until every claim holds.
         for _attempt in range(10):
-            out, claims, relinks = self._plan(parsed, known)
+            out, claims, relinks, keyed = self._plan(parsed, known)
             now = self.clock()
-            owners = await gather_limited(self.store.claim_identity(i, pid, now) for i, pid in claims.items())
+            owners = await gather_limited(
+                (self.store.claim_identity(i, pid, now, exclusive=i not in keyed) for i, pid in claims.items()),
+                limit=32)
             lost = {i: owner for (i, pid), owner in zip(claims.items(), owners, strict=True) if owner != pid}
             if not lost:
                 break
@@ -198,12 +200,18 @@ class Resolver:
         metrics.PROCESSED.labels("resolve", "ok").inc(len(parsed))
 
     def _plan(self, parsed: Sequence[tuple[Event, bytes, list[Identifier]]], known_in: dict[Identifier, str]
-              ) -> tuple[list[tuple[str, bytes]], dict[Identifier, str], dict[Identifier, str]]:
+              ) -> tuple[list[tuple[str, bytes]], dict[Identifier, str], dict[Identifier, str], set[Identifier]]:
+        """Plan a batch in order. Also returns the user ids the batch's events are keyed by: only the owner
+        of that events.raw partition ever claims them, so they need no lightweight transaction (any other
+        identifier can show up on several partitions at once and is claimed exclusively)."""
         known = dict(known_in)
         out: list[tuple[str, bytes]] = []
         claims: dict[Identifier, str] = {}
         relinks: dict[Identifier, str] = {}
+        keyed: set[Identifier] = set()
         for event, raw, ids in parsed:
+            if event.user_id and event.type != "alias":
+                keyed.add(Identifier("user_id", event.user_id.strip()))
             direct = direct_profile_id(event)
             if direct:
                 out.append(fold_message("event", direct, event=orjson.Fragment(raw)))
@@ -221,7 +229,7 @@ class Resolver:
                 known[ident] = plan.target
                 self.cache.put(ident, plan.target)
             out.append(fold_message("event", plan.target, event=orjson.Fragment(raw)))
-        return out, claims, relinks
+        return out, claims, relinks, keyed
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,23 +278,27 @@ class Folder:
             self.cache.put(pid, item)
 
     async def _load_one(self, profile_id: str) -> Loaded:
-        snap, segment_rows = await asyncio.gather(self.store.load(profile_id), self.store.segment_rows(profile_id))
+        snap = await self.store.load(profile_id)
+        if snap.merged_into is not None:
+            return Loaded(None, None, snap.merged_into)
+        # Events stored by a run that crashed before its snapshot are folded now (and emitted again:
+        # downstream sees every event at least once). A profile never snapshotted has no segments yet.
+        after = tuple(snap.state.last_key) if snap.state and snap.state.last_key else None
+        if snap.state is None:
+            missed, segment_rows = await self.store.events(profile_id), []
+        else:
+            missed, segment_rows = await asyncio.gather(
+                self.store.events(profile_id, after=after) if after else self.store.events(profile_id),
+                self.store.segment_rows(profile_id))
         segments = {r["segment_id"]: (bool(r["member"]), int(r["changed_at"].timestamp() * 1000))
                     for r in segment_rows}
-        item = Loaded(snap.state, snap.document, snap.merged_into, segments)
-        if snap.merged_into is None:
-            # Events stored by a run that crashed before its snapshot: fold them now (and re-emit them:
-            # downstream sees them at least once).
-            after = tuple(snap.state.last_key) if snap.state and snap.state.last_key else None
-            if snap.state is None or after is not None:
-                missed = await self.store.events(profile_id, after=after) if after else await self.store.events(
-                    profile_id)
-                if missed:
-                    state = snap.state or new_state(profile_id)
-                    for row in missed:
-                        fold(state, row.event)
-                    item.state = state
-                    await self._publish(profile_id, item, [r.event for r in missed], [])
+        item = Loaded(snap.state, snap.document, None, segments)
+        if missed:
+            state = snap.state or new_state(profile_id)
+            for row in missed:
+                fold(state, row.event)
+            item.state = state
+            await self._publish(profile_id, item, [r.event for r in missed], [])
         return item
 
     # ---- batch entry point -------------------------------------------------------------------------

@@ -193,13 +193,8 @@ class ProfileStore:
 
     async def write_index(self, rows: Sequence[StoredEvent]) -> None:
         """Marks events as processed: written last, after every other effect of the batch."""
-        statements = []
-        for chunk in _chunks(list(rows), 25):
-            batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-            for r in chunk:
-                batch.add(self._insert_index, (r.event_key, r.profile_id, ms_to_dt(r.ts_ms)))
-            statements.append(batch)
-        await gather_limited(self._run("write_index", b) for b in statements)
+        await gather_limited(self._run("write_index", self._insert_index,
+                                       (r.event_key, r.profile_id, ms_to_dt(r.ts_ms))) for r in rows)
 
     def _decode_rows(self, profile_id: str, rows: list[Any]) -> list[StoredEvent]:
         return [StoredEvent(profile_id, dt_to_ms(r["ts"]), r["event_key"], decode_event(r["body"])) for r in rows]
@@ -241,8 +236,15 @@ class ProfileStore:
                 found[Identifier(kind, row["value"])] = row["profile_id"]
         return found
 
-    async def claim_identity(self, identifier: Identifier, profile_id: str, now: datetime) -> str:
-        """Link a new identifier to a profile unless another worker linked it first; returns the owner."""
+    async def claim_identity(self, identifier: Identifier, profile_id: str, now: datetime, *,
+                             exclusive: bool = True) -> str:
+        """Link a new identifier to a profile unless another worker linked it first; returns the owner.
+
+        ``exclusive=False`` skips the lightweight transaction, for identifiers only ever claimed by the
+        owner of one events.raw partition (the user id an event is keyed by)."""
+        if not exclusive:
+            await self.link_identities([identifier], profile_id, now)
+            return profile_id
         rows = await self._run("identity_claim", self._claim_identity,
                                (identifier.kind, identifier.value, profile_id, now))
         row = rows[0]
