@@ -54,9 +54,9 @@ class EventHistory:
     async def profiles(self, profile_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         ids = sorted(profile_ids)
         out: dict[str, dict[str, Any]] = {}
+        select = self.s.prepare("SELECT profile_id, document FROM profiles WHERE profile_id IN ?")
         for i in range(0, len(ids), 100):
-            rows = await execute(self.s, "SELECT profile_id, document FROM profiles WHERE profile_id IN %s",
-                                 (tuple(ids[i:i + 100]),))
+            rows = await execute(self.s, select, (ids[i:i + 100],))
             for r in rows:
                 if r["document"]:
                     out[r["profile_id"]] = orjson.loads(r["document"])

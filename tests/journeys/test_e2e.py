@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -43,6 +44,7 @@ def test_abandoned_checkout_end_to_end_with_kill(
             jid = created.json()["id"]
             assert c.post(f"/v1/journeys/{jid}/activate").json()["status"] == "active"
 
+        started = datetime.now(UTC)
         tag = uuid.uuid4().hex[:8]
         abandoner, buyer = f"ab-{tag}", f"buy-{tag}"
         emails = {u: f"{u}@example.test" for u in (abandoner, buyer)}
@@ -104,5 +106,16 @@ def test_abandoned_checkout_end_to_end_with_kill(
                                 if m["status"] == "sent"], 30, what="the delivery log entry")
         assert len(log) == 1 and log[0]["templateId"] == "abandoned_checkout"
         assert message_log(notify, api_headers, user_id=buyer) == []
+
+        # Backtest the same journey over the profile service's stored events of this test: what it just did.
+        with journeys.client(headers=api_headers) as c:
+            report = c.post(f"/v1/journeys/{jid}/backtest", json={
+                "from": (started - timedelta(minutes=1)).isoformat(),
+                "to": (datetime.now(UTC) + timedelta(hours=1)).isoformat()})
+            assert report.status_code == 200, report.text
+            r = report.json()
+        assert r["source"].endswith(".profile_events")
+        assert r["entered"] == 2 and r["messages"] == {"reminder_1": 1} and r["goal_reached"] == 1
+        assert r["still_waiting_at_end"] == 1  # the abandoner, in the day-long second wait
     finally:
         notify.kill(hard=False)

@@ -281,3 +281,53 @@ def test_cli_apply_examples_then_unchanged_then_invalid(journeys: Any, api_heade
                       "  - {id: a, type: delay, duration: soon}\n")
     assert main([*env, "apply", "-f", str(broken)]) == 1
     assert main([*env, "validate", "-f", str(broken)]) == 1
+
+
+def test_date_trait_entry_timer_from_profile_changes(journeys: Any, api_headers: dict[str, str]) -> None:
+    """profile.changed schedules the customer's next birthday; its wake-up starts the yearly instance."""
+    from loyalist.topics import JOURNEY_TIMERS, PROFILE_CHANGED
+
+    settings = journeys.settings
+    with journeys.client(headers=api_headers) as c:
+        jid = c.post("/v1/journeys/from-template/birthday", json={"at_local_time": "09:00"}).json()["id"]
+        c.post(f"/v1/journeys/{jid}/activate")
+    pid = f"p-{uuid.uuid4().hex[:8]}"
+    doc = {"profile_id": pid, "timezone": "Europe/Paris", "traits": {"birthday": "1990-05-04"}}
+
+    async def seed() -> None:
+        redis = make_redis(settings)
+        try:
+            await redis.set(settings.redis_key("profile", pid), orjson.dumps(doc))
+        finally:
+            await redis.aclose()
+
+    asyncio.run(seed())
+    asyncio.run(produce(settings, PROFILE_CHANGED.name, [
+        {"profileId": pid, "changed": ["traits"], "profile": doc, "cause": {}, "at": now_iso()}]))
+
+    from loyalist.cassandra import connect
+
+    cluster, session = connect(settings, keyspace=settings.keyspace)
+    try:
+        def timer_row() -> dict[str, Any] | None:
+            rows = list(session.execute("SELECT due, kind, journey_id FROM journey_timers WHERE profile_id = %s "
+                                        "ALLOW FILTERING", (pid,)))
+            return rows[0] if rows else None
+
+        row = wait_for(timer_row, what="the birthday timer")
+    finally:
+        cluster.shutdown()
+    due = row["due"].replace(tzinfo=UTC)
+    assert row["kind"] == "entry" and row["journey_id"] == jid
+    assert (due.month, due.day, due.hour) == (5, 4, 7)  # 09:00 in Paris (CEST) is 07:00 UTC
+    # Deliver that wake-up now (as the poller will on the day): the yearly instance starts and greets.
+    asyncio.run(produce(settings, JOURNEY_TIMERS.name, [
+        {"kind": "entry", "instanceId": f"date:{jid}:{pid}", "nodeId": "", "profileId": pid, "journeyId": jid,
+         "due": due.isoformat()}]))
+    values = asyncio.run(collect(settings, MESSAGE_REQUESTS.name,
+                                 lambda vs: any(v.get("profileId") == pid for v in vs), timeout_s=30, settle_s=1))
+    [greeting] = [v for v in values if v["profileId"] == pid]
+    assert greeting["templateId"] == "birthday" and greeting["data"] == {"coupon_code": "BIRTHDAY"}
+    with journeys.client(headers=api_headers) as c:
+        [inst] = c.get(f"/v1/journeys/{jid}/instances", params={"profile_id": pid}).json()["instances"]
+        assert inst["key"] == str(due.year) and inst["status"] == "completed"
