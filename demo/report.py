@@ -157,7 +157,9 @@ async def gather(urls: dict[str, str | None], token: str, user_ids: list[str], j
     return report
 
 
-def customers_section(docs: list[JSON], asked: int, order_days: dict[str, list[str]]) -> JSON:
+def customers_section(all_docs: list[JSON], asked: int, order_days: dict[str, list[str]]) -> JSON:
+    # several customer ids resolving to one profile (identity merges) count once
+    docs = list({d.get("profile_id"): d for d in all_docs}.values())
     revenue = sum(float(d.get("revenue_total") or 0) for d in docs)
     orders = sum(int(d.get("orders_count") or 0) for d in docs)
     buyers = [d for d in docs if (d.get("orders_count") or 0) >= 1]
@@ -166,7 +168,7 @@ def customers_section(docs: list[JSON], asked: int, order_days: dict[str, list[s
     with_clv = [v for v, d in clv if (d.get("predictions") or {}).get("predicted_clv_365d") is not None]
     top = sorted(clv, key=lambda x: -x[0])[:10]
     return {
-        "asked": asked, "found": len(docs), "distinct_profiles": len({d.get("profile_id") for d in docs}),
+        "asked": asked, "found": len(all_docs), "distinct_profiles": len(docs),
         "buyers": len(buyers), "orders": orders, "revenue": round(revenue, 2),
         "repeat_rate": round(len(repeat) / len(buyers), 4) if buyers else None,
         "average_order_value": round(revenue / orders, 2) if orders else None,
@@ -270,13 +272,16 @@ def render_text(r: JSON) -> str:
                  f"({s.get('storefront_mix', '')}).")
     c = r["customers"]
     lines.append("\nCUSTOMERS (profile API)")
+    if "missing" not in c and c["distinct_profiles"] < c["found"]:
+        lines.append(f"  NOTE: {c['found']:,} distinct customers resolved to only {c['distinct_profiles']:,} profiles: "
+                     "the identity graph merged customers that share no identifier")
     if "missing" in c:
         lines.append(f"  not available: {c['missing']}")
     else:
         cur = c.get("currency") or "USD"
         lines += [
-            f"  customers with a profile  {c['found']:,} of {c['asked']:,} "
-            f"({c['distinct_profiles']:,} distinct profile ids)",
+            f"  customers                 {c['distinct_profiles']:,} profiles for the {c['asked']:,} customer ids "
+            f"replayed ({c['found']:,} found)",
             f"  orders                    {c['orders']:,}",
             f"  revenue                   {money(c['revenue'], cur)}",
             f"  average order value       {money(c['average_order_value'], cur)}",
