@@ -22,6 +22,8 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -285,18 +287,42 @@ async def pipeline_phase(settings: Settings, fleet: Fleet, args: argparse.Namesp
 
 
 def replay_phase(settings: Settings, fleet: Fleet, args: argparse.Namespace) -> JSON:
-    """The profile service's replay command over this namespace's log, timed from the outside."""
-    cli = next((p for p in ("services/profile/cli.py", "services/profile/replay.py") if (REPO / p).exists()), None)
-    if cli is None:
-        return not_measured("services/profile has no replay command yet (cli.py / replay.py)")
-    module = cli[:-3].replace("/", ".")
+    """The profile service's replay command (``python -m services.profile.replay``) rebuilding this
+    namespace's profiles from its Kafka log into a fresh namespace, timed from the outside."""
+    if not (REPO / "services" / "profile" / "replay.py").exists():
+        return not_measured("services/profile has no replay command (services/profile/replay.py)")
+    target = f"{settings.namespace}_rp"
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", module, "replay", "--into", f"{settings.namespace}_replay"],
-                          cwd=REPO, env=fleet.env(), capture_output=True, text=True, timeout=args.replay_timeout_s)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "services.profile.replay", "--target-namespace", target],
+                              cwd=REPO, env=fleet.env(), capture_output=True, text=True,
+                              timeout=args.replay_timeout_s)
+    except subprocess.TimeoutExpired:
+        return not_measured(f"replay did not finish within {args.replay_timeout_s:.0f}s")
+    finally:
+        _drop_replay_target(settings.model_copy(update={"namespace": target}))
     elapsed = time.monotonic() - started
     if proc.returncode != 0:
-        return not_measured(f"{module} replay exited {proc.returncode}: {(proc.stderr or proc.stdout)[-400:]}")
-    return {"elapsed_s": round(elapsed, 1), "output_tail": proc.stdout[-400:]}
+        return not_measured(f"replay exited {proc.returncode}: {(proc.stderr or proc.stdout)[-400:]}")
+    found = re.search(r"rebuilt from (\d+) events in ([\d.]+)s \((\d+) events/s\)", proc.stdout)
+    if not found:
+        return not_measured(f"replay output not understood: {proc.stdout[-300:]}")
+    return {"events": int(found.group(1)), "seconds": float(found.group(2)),
+            "events_per_s": float(found.group(3)), "wall_s_with_startup": round(elapsed, 1)}
+
+
+def _drop_replay_target(target: Settings) -> None:
+    from loyalist.cassandra import drop_keyspace
+
+    with contextlib.suppress(Exception):
+        drop_keyspace(target)
+    with contextlib.suppress(Exception):
+        import redis as sync_redis
+
+        client = sync_redis.Redis(host=target.redis_host, port=target.redis_port, db=target.redis_db)
+        for key in client.scan_iter(match=target.redis_key("*"), count=1000):
+            client.delete(key)
+        client.close()
 
 
 def memory_phase(fleets: list[Fleet], base: Settings) -> JSON:
@@ -328,6 +354,7 @@ def flat_figures(results: JSON) -> JSON:
         "profile_api.p99_ms": get("profile_api", "p99_ms"),
         "profile_api.max_requests_per_s": get("profile_api", "max_requests_per_s"),
         "processor.profile_events_per_s": get("processor", "profile_events_per_s"),
+        "replay.events_per_s": get("replay", "events_per_s"),
     }
 
 
@@ -367,6 +394,7 @@ def render_table(results: JSON) -> str:
         "trigger": lambda b: f"kafka hop p99 {fmt(b['raw_kafka_roundtrip_p99_ms'])} ms",
         "profile_api": lambda b: f"redis GET p99 {fmt(b['raw_redis_get_p99_ms'])} ms",
         "processor": lambda b: f"cassandra {fmt(b['raw_cassandra_writes_per_s'])} writes/s",
+        "replay": lambda b: f"cassandra {fmt(b['raw_cassandra_writes_per_s'])} writes/s",
     }
     for key, (label, target, cmp) in TARGETS.items():
         section = key.split(".")[0]
@@ -376,14 +404,22 @@ def render_table(results: JSON) -> str:
         btxt = baseline_text[section](base) if base and section in baseline_text else "—"
         if value is None:
             why = sec.get("not_measured") or sec.get("note") or "not measured"
-            verdict = f"not measured: {why}"[:90]
+            verdict = f"not measured: {why}"[:140]
         else:
             met = value >= target if cmp == ">=" else value <= target
             verdict = "meets target" if met else "MISSES target"
         rows.append((label, fmt(value), btxt, f"{cmp} {fmt(target)}", verdict))
-    for label, key in (("event → profile p50 ms", "freshness.p50_ms"),
-                       ("profile API max req/s", "profile_api.max_requests_per_s")):
-        rows.append((label, fmt(figs.get(key)), "", "", ""))
+    replay = results.get("replay") or {}
+    replay_base = (replay.get("baseline") or {}).get("raw_cassandra_writes_per_s")
+    for label, key, base_text in (
+            ("event → profile p50 ms", "freshness.p50_ms", ""),
+            ("profile API max req/s", "profile_api.max_requests_per_s", ""),
+            ("replay events/s (rebuild)", "replay.events_per_s",
+             f"cassandra {fmt(replay_base)} writes/s" if replay_base else "")):
+        value = figs.get(key)
+        note = "" if value is not None else f"not measured: {replay.get('not_measured', '')}"[:140] \
+            if key.startswith("replay") else ""
+        rows.append((label, fmt(value), base_text, "(no target)", note))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = []
     for n, r in enumerate(rows):
@@ -397,7 +433,9 @@ async def main_async(args: argparse.Namespace) -> JSON:
     base = Settings()
     started = time.monotonic()
     results: JSON = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                     "services_present": available_services()}
+                     "services_present": available_services(),
+                     # other work on the machine shares the cores with everything measured here
+                     "machine": {"cpus": os.cpu_count(), "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}}
     fleets: list[Fleet] = []
     try:
         say("namespace A (baselines, ingest alone, then processors on its backlog) ...")
@@ -426,6 +464,7 @@ async def main_async(args: argparse.Namespace) -> JSON:
             if not args.keep:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(fleet.drop)
+    results["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     results["took_s"] = round(time.monotonic() - started, 1)
     results["figures"] = flat_figures(results)
     return results
@@ -463,5 +502,10 @@ def main(argv: list[str] | None = None) -> int:
     mem = results.get("memory", {}).get("rss_mb", {})
     if mem:
         print("\nmemory (RSS MB): " + ", ".join(f"{k} {v:,.0f}" for k, v in mem.items()))
+    machine = results["machine"]
+    busiest = max(machine["loadavg_1m_at_start"], machine["loadavg_1m_at_end"])
+    if busiest > (machine["cpus"] or 1):
+        print(f"\nWARNING: load average {busiest} on {machine['cpus']} CPUs during the run: other work competed for "
+              "the cores, so these figures understate what this machine can do. Re-run on a quiet machine.")
     print(f"\nfull results: {out}  ({results['took_s']:.0f}s)")
     return 0
