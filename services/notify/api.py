@@ -11,6 +11,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qs
 
 import orjson
+from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
@@ -86,8 +87,12 @@ async def send_message(
         raise ApiError(400, "invalid_message", str(exc)) from exc
     existing = await notify.store.get(key)
     if existing is None:
-        await notify.producer.send_and_wait(notify.settings.topic(MESSAGE_REQUESTS.name), orjson.dumps(doc),
-                                            key=req.kafka_key.encode())
+        try:
+            await notify.producer.send_and_wait(notify.settings.topic(MESSAGE_REQUESTS.name), orjson.dumps(doc),
+                                                key=req.kafka_key.encode())
+        except KafkaError as exc:
+            raise ApiError(503, "kafka_unavailable", "the message could not be queued; retry with the same key",
+                           headers={"Retry-After": "1"}) from exc
     deadline = asyncio.get_running_loop().time() + wait
     row = existing
     while wait and asyncio.get_running_loop().time() < deadline:

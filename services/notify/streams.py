@@ -179,15 +179,21 @@ class Scheduler:
         store = self.notifier.store
         due = await store.due(self.clock())
         for due_at, key in due:
-            row = await store.get(key)
-            if row is not None and row.request:
-                try:
-                    req = MessageRequest.from_wire(row.request)
-                except InvalidRequest:
-                    req = None
-                if req is not None:
-                    await self.notifier.handle(req, from_schedule=True)
-            await store.unschedule(due_at, key)
+            try:
+                row = await store.get(key)
+                if row is not None and row.request:
+                    try:
+                        req = MessageRequest.from_wire(row.request)
+                    except InvalidRequest:
+                        req = None
+                    if req is not None:
+                        await self.notifier.handle(req, from_schedule=True)
+                await store.unschedule(due_at, key)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Left in the schedule: the next tick tries again; one bad row does not hold up the others.
+                log.exception("scheduled message %s failed; will retry", key)
         self._ticks += 1
         if self._ticks % 10 == 1:
             SCHEDULED.set(await store.scheduled_count())

@@ -190,6 +190,14 @@ def test_permanent_sms_failure_goes_to_the_dlq(stack_settings: Settings, notify:
     assert final(notify, api_headers, later["idempotencyKey"], "skipped")["reason"] == "suppressed:sms_undeliverable"
     wait_for(lambda: any(e.event == "Message Failed" for e in notify_events(stack_settings, pid)), 20, 1, "failed")
 
+    def dlq_gauge() -> float | None:
+        for line in httpx.get(f"{notify.url}/metrics", timeout=10).text.splitlines():
+            if line.startswith("loyalist_notify_dlq_messages "):
+                return float(line.split()[1]) or None
+        return None
+
+    assert wait_for(dlq_gauge, 20, 0.5, "the DLQ size gauge") >= 1
+
 
 def test_transient_sms_errors_are_retried(stack_settings: Settings, notify: ServiceProcess,
                                           providers: FakeProviders, api_headers: dict[str, str]) -> None:
