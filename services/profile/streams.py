@@ -34,7 +34,8 @@ class Runtime:
 
 
 def build_stream_app(settings: Settings, runtime: Runtime) -> faust.App:
-    app = make_stream_app(settings, "profile")
+    # A crashed worker's partitions move to the others after the session timeout: keep it short.
+    app = make_stream_app(settings, "profile", broker_session_timeout=10.0, broker_heartbeat_interval=2.0)
     raw_topic = app.topic(settings.topic(EVENTS_RAW.name), value_serializer="raw", key_serializer="raw")
     fold_topic = app.topic(settings.topic(PROFILE_FOLD.name), value_serializer="raw", key_serializer="raw")
     membership_topic = app.topic(settings.topic(SEGMENT_MEMBERSHIP.name), value_serializer="raw",

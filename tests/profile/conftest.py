@@ -104,3 +104,37 @@ def api(profile_service: Any, api_headers: dict[str, str]) -> Iterator[ProfileCl
 
 
 __all__ = ["T0", "ProfileClient", "make_event", "order", "produce", "timedelta", "uid", "wait_for"]
+
+
+async def read_key_async(settings: Settings, topic_name: str, key: str, *, min_count: int = 1,
+                         timeout_s: float = 20) -> list[dict[str, Any]]:
+    """Messages with this key on a topic (reads only the key's partition, from the beginning)."""
+    import orjson
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.partitioner import DefaultPartitioner
+
+    topic = settings.topic(topic_name)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = list(range(settings.kafka_partitions))  # every topic is created with this count
+        partition = DefaultPartitioner()(key.encode(), partitions, partitions)
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        found: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(tp, timeout_ms=500, max_records=5000)
+            for record in batch.get(tp, []):
+                if record.key == key.encode():
+                    found.append(orjson.loads(record.value))
+            if len(found) >= min_count and not batch.get(tp):
+                break
+        return found
+    finally:
+        await consumer.stop()
+
+
+def read_key(settings: Settings, topic_name: str, key: str, **kwargs: Any) -> list[dict[str, Any]]:
+    return asyncio.run(read_key_async(settings, topic_name, key, **kwargs))
