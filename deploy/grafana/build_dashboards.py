@@ -194,6 +194,12 @@ def streams() -> dict[str, Any]:
         Panel("Profile messages emitted by topic", [(rate("loyalist_profile_emitted_messages_total", "topic"),
                                                      "{{topic}}")],
               "Resolved events, profile changes and snapshots sent downstream.", "ops"),
+        Panel("Agent processing time p99", [(q(0.99, "loyalist_stream_processing_duration_seconds",
+                                               "service, agent"), "{{service}}/{{agent}}")],
+              "Time to process one event, per stream agent.", "s"),
+        Panel("Store call latency p99", [(q(0.99, "loyalist_store_call_duration_seconds",
+                                            "service, store, operation"), "{{service}} {{store}} {{operation}}")],
+              "Cassandra and Redis calls on the stream path; slow stores make every worker slow.", "s"),
     ])
 
 
