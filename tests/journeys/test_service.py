@@ -312,7 +312,8 @@ def test_date_trait_entry_timer_from_profile_changes(journeys: Any, api_headers:
         def timer_row() -> dict[str, Any] | None:
             rows = list(session.execute("SELECT due, kind, journey_id FROM journey_timers WHERE profile_id = %s "
                                         "ALLOW FILTERING", (pid,)))
-            return rows[0] if rows else None
+            mine = [r for r in rows if r["journey_id"] == jid]  # other active birthday journeys have their own
+            return mine[0] if mine else None
 
         row = wait_for(timer_row, what="the birthday timer")
     finally:
