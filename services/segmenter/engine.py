@@ -249,6 +249,7 @@ class SegmenterEngine:
             self.scorer.replace(rfm_values(stored.document), None)
             await self.store.reschedule(profile_id, stored.next_evaluation_at, None)
         await self.store.delete_events(profile_id)
+        await self.store.delete_orders(profile_id)
         await self.store.put_profile(profile_id, {}, partition, offset, deleted=True)
 
     # ---- deciding and applying -------------------------------------------------------------------
@@ -512,12 +513,10 @@ class SegmenterEngine:
             return True
 
     async def _all_orders(self) -> list[tuple[str, list[tuple[str, list[str]]]]]:
-        out = []
-        async for stored in self.store.all_profiles():
-            orders = await self.store.orders(stored.profile_id)
-            if orders:
-                out.append((stored.profile_id, [(o["message_id"], list(o["products"] or [])) for o in orders]))
-        return out
+        by_profile: dict[str, list[tuple[str, list[str]]]] = {}
+        async for order in self.store.all_orders():
+            by_profile.setdefault(order["profile_id"], []).append((order["message_id"], list(order["products"] or [])))
+        return list(by_profile.items())
 
 
 def _references(rule: Rule) -> set[str]:

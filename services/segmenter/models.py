@@ -141,19 +141,19 @@ class ModelRuntime:
     # ---- CLV -------------------------------------------------------------------------------------
     async def _days_by_customer(self, population: tuple[str, Any] | None = None
                                 ) -> dict[str, dict[date, float]]:
-        days: dict[str, dict[date, float]] = {}
-        async for stored in self.store.all_profiles():
-            if population is not None:
-                traits = stored.document.get("traits") or {}
-                if traits.get(population[0]) != population[1]:
-                    continue
-            orders = await self.store.orders(stored.profile_id)
-            if not orders:
+        """Spend per purchase day per customer, from one scan of the stored orders (and, with a population
+        filter, one scan of the stored profiles)."""
+        allowed: set[str] | None = None
+        if population is not None:
+            allowed = set()
+            async for stored in self.store.all_profiles():
+                if (stored.document.get("traits") or {}).get(population[0]) == population[1]:
+                    allowed.add(stored.profile_id)
+        days: dict[str, dict[date, float]] = defaultdict(lambda: defaultdict(float))
+        async for order in self.store.all_orders():
+            if allowed is not None and order["profile_id"] not in allowed:
                 continue
-            spend: dict[date, float] = defaultdict(float)
-            for order in orders:
-                spend[order["ts"].date()] += float(order["amount"] or 0.0)
-            days[stored.profile_id] = spend
+            days[order["profile_id"]][order["ts"].date()] += float(order["amount"] or 0.0)
         return days
 
     async def backtest(self, calibration_end: date, holdout_end: date, period_days: int,

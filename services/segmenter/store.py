@@ -149,6 +149,23 @@ class SegmenterStore:
                         products: Sequence[str]) -> None:
         await execute(self.s, self._put_order, (profile_id, ts, message_id, amount, list(products)))
 
+    async def all_orders(self) -> AsyncIterator[dict[str, Any]]:
+        """Every stored order, one paged scan (backtests and refits)."""
+        statement = SimpleStatement("SELECT profile_id, ts, message_id, amount, products FROM seg_orders",
+                                    fetch_size=5000)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(None, lambda: self.s.execute(statement))
+        while True:
+            for row in list(result.current_rows):
+                row["ts"] = _utc(row["ts"])
+                yield row
+            if not result.has_more_pages:
+                return
+            await loop.run_in_executor(None, result.fetch_next_page)
+
+    async def delete_orders(self, profile_id: str) -> None:
+        await execute(self.s, "DELETE FROM seg_orders WHERE profile_id = %s", (profile_id,))
+
     async def orders(self, profile_id: str) -> list[dict[str, Any]]:
         rows = await execute(self.s, self._get_orders, (profile_id,))
         for r in rows:

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from loyalist.kafka import make_producer
 from loyalist.settings import Settings
-from loyalist.topics import EVENTS_RESOLVED, PROFILE_CHANGED, SEGMENT_MEMBERSHIP
+from loyalist.topics import EVENTS_RAW, EVENTS_RESOLVED, PROFILE_CHANGED, SEGMENT_MEMBERSHIP
 from services.segmenter.engine import stop_consumer
 from tests.conftest import ServiceProcess
 
@@ -93,7 +93,11 @@ class Inputs:
 
 async def membership_messages(settings: Settings) -> list[dict[str, Any]]:
     """Every message on segment.membership right now (read from the start of each partition to its end)."""
-    topic = settings.topic(SEGMENT_MEMBERSHIP.name)
+    return await topic_messages(settings, SEGMENT_MEMBERSHIP.name)
+
+
+async def topic_messages(settings: Settings, name: str) -> list[dict[str, Any]]:
+    topic = settings.topic(name)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
                                 isolation_level="read_committed")
     await consumer.start()
@@ -149,7 +153,9 @@ def segmenter(start_service: Callable[..., ServiceProcess]) -> Iterator[ServiceP
     # Churn labels after 4.3 s (instead of 90 days) so delayed labels and checkpoints can be watched.
     svc = start_service("segmenter", LOYALIST_SEGMENTER_SCHEDULER_POLL_S="0.2",
                         LOYALIST_SEGMENTER_CLV_REFIT_INTERVAL_S="0", LOYALIST_SEGMENTER_CHURN_LABEL_DAYS="0.00005",
-                        LOYALIST_SEGMENTER_CHURN_LABEL_SCAN_INTERVAL_S="1")
+                        LOYALIST_SEGMENTER_CHURN_LABEL_SCAN_INTERVAL_S="1",
+                        # churn probabilities of a model trained on seconds-long labels are not published
+                        LOYALIST_SEGMENTER_CHURN_MIN_UPDATES_TO_PUBLISH="1000000000")
     yield svc
 
 
@@ -493,23 +499,42 @@ async def test_cdnow_backtest_through_the_stream(aapi: httpx.AsyncClient, stack_
                "population": {"trait": "cdnow_run", "equals": run}, "per_customer_limit": 3}
 
     async def complete() -> dict[str, Any] | None:
-        resp = await aapi.post("/v1/models/clv/backtest", json=request)
+        resp = await aapi.post("/v1/models/clv/backtest", json=request, timeout=300)
         if resp.status_code != 200:
             return None
         body: dict[str, Any] = resp.json()
         return body if body["customers"] == 2357 and body["actual_total"] == 1882 else None
 
-    body = await wait_for(complete, timeout_s=180, interval_s=3)
+    body = await wait_for(complete, timeout_s=240, interval_s=5)
     published = {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426, "p": 6.25, "q": 3.74, "v": 15.44}
     for name, value in published.items():
         assert body["params"][name] == pytest.approx(value, rel=0.01), name
     assert [p["period"] for p in body["periods"]] == list(range(40, 79))
     assert len(body["per_customer"]) == 3
-    half = await aapi.post("/v1/models/clv/backtest", json={
+    half = await aapi.post("/v1/models/clv/backtest", timeout=300, json={
         **request, "population": {"trait": "cohort", "equals": f"{run}-odd"}})
     assert half.status_code == 200 and half.json()["customers"] == 2357 // 2
     bad = await aapi.post("/v1/models/clv/backtest", json={**request, "holdout_end": "1997-01-01"})
     assert bad.status_code == 400 and bad.json()["code"] == "invalid_window"
+
+    # the live refit over every stored customer writes predictions back as Predictions Updated events
+    refit = await aapi.post("/v1/models/clv/refit", timeout=600)
+    assert refit.status_code == 200, refit.text
+    assert refit.json()["customers"] >= 2357 and refit.json()["predictions_written"] >= 2357
+    sample_pid = f"cdnow-{run}-0001"
+    raw = [m for m in await topic_messages(stack_settings, EVENTS_RAW.name)
+           if m.get("event") == "Predictions Updated"
+           and m.get("context", {}).get("loyalist", {}).get("profileId") == sample_pid]
+    assert len(raw) == 1 and raw[0]["source"] == "segmenter"
+    assert {"p_alive", "expected_orders_90d", "predicted_clv_365d", "expected_next_order_at",
+            "model_version"} <= set(raw[0]["properties"])
+    # nothing moved since: a second refit writes nothing for this customer (no feedback loop)
+    again = await aapi.post("/v1/models/clv/refit", timeout=600)
+    assert again.status_code == 200
+    raw = [m for m in await topic_messages(stack_settings, EVENTS_RAW.name)
+           if m.get("event") == "Predictions Updated"
+           and m.get("context", {}).get("loyalist", {}).get("profileId") == sample_pid]
+    assert len(raw) == 1
 
 
 async def test_churn_model_learns_delayed_labels_and_restarts_from_its_checkpoint(
@@ -574,7 +599,7 @@ async def test_end_to_end_from_ingest_through_profile(api: httpx.Client, aapi: h
         got = [m for m in await membership_messages(stack_settings) if m["segmentId"] == segment]
         return got or None
 
-    messages = await wait_for(entered, timeout_s=90)
+    messages = await wait_for(entered, timeout_s=180)
     assert [m["change"] for m in messages] == ["entered"]
     assert messages[0]["eventAcceptedAt"]
     profile_id = messages[0]["profileId"]
@@ -586,4 +611,4 @@ async def test_end_to_end_from_ingest_through_profile(api: httpx.Client, aapi: h
         resp = await aapi.get(f"{profile.url}/v1/profiles/{profile_id}")
         return resp.status_code == 200 and segment in str(resp.json().get("segments"))
 
-    await wait_for(on_profile, timeout_s=60)
+    await wait_for(on_profile, timeout_s=180)

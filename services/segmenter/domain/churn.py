@@ -25,7 +25,7 @@ import math
 import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta  # noqa: F401  (UTC: doctests)
 from typing import Any
 
 from river import compose, linear_model, metrics, optim, preprocessing
