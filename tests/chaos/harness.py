@@ -50,7 +50,8 @@ def private_stack(base: Settings | None = None) -> Iterator[tuple[Settings, Stac
     base = base or Settings()
     home = Path(tempfile.mkdtemp(prefix="loyalist-chaos-"))
     settings = base.model_copy(update={
-        "home": home, "jars_dir": base.jars_dir or base.state_dir / "jars", "kafka_port": free_port(), "kafka_controller_port": free_port(),
+        "home": home, "jars_dir": base.jars_dir or base.state_dir / "jars",
+        "kafka_port": free_port(), "kafka_controller_port": free_port(),
         "cassandra_port": free_port(), "cassandra_storage_port": free_port(), "cassandra_jmx_port": free_port(),
         "redis_port": free_port(),
     })
@@ -146,6 +147,9 @@ class SteadyLoad:
     def user(self, i: int) -> str:
         return f"{self.prefix}-u{i % self.users}"
 
+    def email(self, i: int) -> str:
+        return f"{self.prefix}-u{i % self.users}@chaos.loyalist.test"
+
     def make_batch(self) -> list[JSON]:
         events = []
         for _ in range(self.batch):
@@ -153,7 +157,14 @@ class SteadyLoad:
             self._n += 1
             uid = self.user(i)
             mid = f"{self.prefix}-{i}"
-            if i % 3 == 0:
+            if i < self.users:  # everyone is identified (with an email address) first
+                events.append({"type": "identify", "userId": uid, "messageId": mid,
+                               "traits": {"email": self.email(i), "first_name": f"Chaos {i}"}})
+            elif i % 10 == 5:  # a checkout that is never completed: the abandoned-checkout journey reminds once
+                events.append({"type": "track", "event": "Checkout Started", "userId": uid, "messageId": mid,
+                               "properties": {"checkout_id": mid, "value": 30.0, "currency": "USD",
+                                              "products": [{"product_id": "p1", "price": 30.0, "quantity": 1}]}})
+            elif i % 3 == 0:
                 events.append({"type": "track", "event": "Order Completed", "userId": uid, "messageId": mid,
                                "properties": {"order_id": mid, "total": float(10 + i % 7), "revenue": float(10 + i % 7),
                                               "currency": "USD"}})
@@ -249,6 +260,7 @@ class ChaosRun:
         self.gap_s = gap_s
         self.settle_s = settle_s
         self.report = Report()
+        self.journey_ready = False
 
     async def _fault(self, load: SteadyLoad, target: str) -> Fault:
         fault = Fault(target)
@@ -278,6 +290,7 @@ class ChaosRun:
     async def run(self, targets: list[str]) -> Report:
         ingest = self.fleet.url("ingest")
         assert ingest is not None, "the chaos suite drives load through ingest"
+        await self.create_journey()
         load = SteadyLoad(ingest, self.fleet.settings.dev_write_key, rate=self.rate)
         runner = asyncio.create_task(load.run())
         try:
@@ -297,11 +310,30 @@ class ChaosRun:
         await self.verify(load)
         return self.report
 
+    async def create_journey(self) -> None:
+        """An abandoned-checkout journey with a short first reminder and no second one: every acknowledged
+        ``Checkout Started`` must end in exactly one message."""
+        url = self.fleet.url("journeys")
+        if url is None or self.fleet.url("notify") is None:
+            self.report.notes.append("journeys or notify not running: messages not checked")
+            return
+        headers = {"Authorization": f"Bearer {self.fleet.settings.dev_api_token}"}
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as c:
+            made = await c.post("/v1/journeys/from-template/abandoned_checkout", json={
+                "id": "chaos_abandoned", "first_reminder_after": "PT2S", "second_reminder_after": "P30D",
+                "holdout_percent": 0})
+            active = await c.post("/v1/journeys/chaos_abandoned/activate")
+        if made.status_code >= 300 or active.status_code >= 300:
+            self.report.notes.append(f"could not create the chaos journey ({made.status_code} {made.text[:200]}, "
+                                     f"{active.status_code}): messages not checked")
+        else:
+            self.journey_ready = True
+
     # ---- verification from the outside ---------------------------------------------------------------------
     async def verify(self, load: SteadyLoad) -> None:
         r = self.report
         r.acknowledged = len(load.acked)
-        r.acknowledged_orders = sum(1 for e in load.acked.values() if e["event"] == "Order Completed")
+        r.acknowledged_orders = sum(1 for e in load.acked.values() if e.get("event") == "Order Completed")
         logged = await read_log(self.fleet.settings)
         ours = {m: c for m, c in logged.items() if m.startswith(load.prefix + "-")}
         r.in_log = len(ours)
@@ -313,7 +345,7 @@ class ChaosRun:
         else:
             await self.verify_profiles(load, profile)
         notify = self.fleet.url("notify")
-        if notify is not None and self.fleet.url("journeys") is not None:
+        if notify is not None and self.journey_ready:
             await self.verify_messages(load, notify)
 
     async def verify_profiles(self, load: SteadyLoad, url: str) -> None:
@@ -345,7 +377,7 @@ class ChaosRun:
                     r.profile_mismatches.append(f"{uid}: GET → {resp.status_code}")
                     continue
                 doc = resp.json()
-                orders = [e for e in events if e["event"] == "Order Completed"]
+                orders = [e for e in events if e.get("event") == "Order Completed"]
                 want_revenue = round(sum(e["properties"]["total"] for e in orders), 2)
                 got_revenue = round(float(doc.get("revenue_total") or 0), 2)
                 if doc.get("orders_count") != len(orders) or abs(got_revenue - want_revenue) > 0.005:
@@ -382,25 +414,50 @@ class ChaosRun:
         return ids
 
     async def verify_messages(self, load: SteadyLoad, url: str) -> None:
+        """Per customer: as many handled reminders (distinct idempotency keys, sent or skipped with a reason) as
+        acknowledged abandoned checkouts, no key sent twice, and no more emails in the mail sink than notify
+        says it sent."""
         r = self.report
-        requested = await read_log(self.fleet.settings, "message.requests", "idempotencyKey")
-        r.messages_requested = len(requested)
+        expected: Counter[str] = Counter(e["userId"] for e in load.acked.values()
+                                         if e.get("event") == "Checkout Started")
+        deadline = time.monotonic() + self.settle_s
         headers = {"Authorization": f"Bearer {self.fleet.settings.dev_api_token}"}
-        delivered: Counter[str] = Counter()
-        handled: set[str] = set()
+        keys: dict[str, set[str]] = {}
+        sent: dict[str, Counter[str]] = {}
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
+            while True:
+                keys, sent = {}, {}
+                for i in range(load.users):
+                    uid = load.user(i)
+                    resp = await client.get("/v1/messages", params={"user_id": uid, "limit": 500})
+                    if resp.status_code != 200:
+                        r.notes.append(f"notify GET /v1/messages → {resp.status_code}: messages not checked")
+                        return
+                    for m in resp.json().get("messages", []):
+                        if m.get("templateId") != "abandoned_checkout":
+                            continue
+                        key = str(m.get("idempotencyKey"))
+                        keys.setdefault(uid, set()).add(key)
+                        if m.get("status") in ("sent", "delivered"):
+                            sent.setdefault(uid, Counter())[key] += 1
+                if all(len(keys.get(u, ())) >= n for u, n in expected.items()) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(2)
+        r.messages_requested = sum(expected.values())
+        r.messages_unhandled = sum(max(0, n - len(keys.get(u, ()))) for u, n in expected.items())
+        r.messages_duplicated = (sum(max(0, len(keys.get(u, ())) - n) for u, n in expected.items())
+                                 + sum(c - 1 for per in sent.values() for c in per.values() if c > 1))
+        sink = f"http://127.0.0.1:{self.fleet.settings.smtp_sink_http_port}/messages"
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                mails = (await client.get(sink)).json()
+            per_address = Counter(str(m.get("to")) for m in mails if load.prefix in str(m.get("to")))
+            extra = 0
             for i in range(load.users):
-                resp = await client.get("/v1/messages", params={"user_id": load.user(i), "limit": 500})
-                if resp.status_code != 200:
-                    r.notes.append(f"notify GET /v1/messages → {resp.status_code}: messages not checked")
-                    r.messages_requested = None
-                    return
-                body = resp.json()
-                for m in body.get("messages", body) if isinstance(body, dict) else body:
-                    key = str(m.get("idempotency_key") or m.get("idempotencyKey"))
-                    handled.add(key)
-                    if m.get("status") in ("sent", "delivered"):
-                        delivered[key] += 1
-        r.messages_duplicated = sum(c - 1 for c in delivered.values() if c > 1)
-        # the namespace is private: every request on the topic is ours
-        r.messages_unhandled = sum(1 for k in requested if k not in handled)
+                delivered = sum(1 for a, n in per_address.items() if load.email(i) in a for _ in range(n))
+                extra += max(0, delivered - len(sent.get(load.user(i), {})))
+            r.messages_duplicated += extra
+            r.notes.append(f"mail sink: {sum(per_address.values())} emails to {len(per_address)} chaos customers; "
+                           f"notify sent {sum(len(v) for v in sent.values())}")
+        except (httpx.HTTPError, ValueError) as exc:
+            r.notes.append(f"mail sink not readable ({type(exc).__name__}): emails not counted")
