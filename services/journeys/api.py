@@ -117,6 +117,8 @@ def journeys_router() -> APIRouter:
         journey_id = body.pop("id", None) or f"jrn_{secrets.token_hex(6)}"
         _check_id(journey_id)
         params = body.pop("params", None) or body
+        if not isinstance(params, dict):
+            raise ApiError(400, "invalid_template_params", "parameters must be an object")
         try:
             raw = build_template(template_id, params)
         except TemplateParamError as exc:
@@ -188,7 +190,7 @@ def journeys_router() -> APIRouter:
     async def backtest_saved(request: Request, journey_id: str,
                              payload: dict[str, Any] = Body(...)) -> dict[str, Any]:
         row = await _get_row(request, journey_id)
-        version = int(payload.get("version") or row.current_version)
+        version = _positive_int(payload.get("version"), row.current_version, "version")
         raw = await _journeys(request).definition(journey_id, version)
         if raw is None:
             raise ApiError(404, "version_not_found", f"journey '{journey_id}' has no version {version}")
@@ -223,6 +225,14 @@ def _check_id(journey_id: Any) -> None:
         raise ApiError(400, "invalid_id", "journey ids use letters, digits, '-' and '_' (at most 100)")
 
 
+def _positive_int(value: Any, default: int, name: str) -> int:
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ApiError(400, f"invalid_{name}", f"'{name}' must be a positive integer")
+    return value
+
+
 def _period(payload: dict[str, Any]) -> tuple[datetime, datetime]:
     try:
         start = datetime.fromisoformat(str(payload["from"]).replace("Z", "+00:00"))
@@ -249,6 +259,8 @@ def facts_from_wire(items: Any) -> list[HistoricalFact]:
                 event = decode_event(item["event"])
                 facts.append(HistoricalFact(pid, event.timestamp, _event_trigger(event)))
             else:
+                if item.get("change") not in ("entered", "exited"):
+                    raise ValueError("change must be 'entered' or 'exited'")
                 at = datetime.fromisoformat(str(item["at"]).replace("Z", "+00:00"))
                 at = at if at.tzinfo else at.replace(tzinfo=UTC)
                 facts.append(HistoricalFact(pid, at, SegmentTrigger(str(item["segmentId"]), item["change"], at)))
@@ -271,7 +283,7 @@ async def _backtest(request: Request, definition: JourneyDefinition, payload: di
         if not await history.available():
             raise ApiError(400, "no_event_history", "no stored event history is available in this deployment; "
                                                     "pass the facts as 'events'")
-        facts = await history.facts(start, end, limit=int(payload.get("limit") or 200_000))
+        facts = await history.facts(start, end, limit=_positive_int(payload.get("limit"), 200_000, "limit"))
         source = history.describe()
         if not profiles:
             profiles = await history.profiles({f.profile_id for f in facts})

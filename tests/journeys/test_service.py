@@ -256,6 +256,11 @@ def test_backtest_over_given_history(journeys: Any, api_headers: dict[str, str])
         bad = c.post("/v1/backtests", json={"definition": {"name": "x"}, "from": t0.isoformat(),
                                             "to": t0.isoformat()})
         assert bad.status_code == 400
+        for body in ({"from": "yesterday", "to": t0.isoformat(), "events": []},
+                     {"from": t0.isoformat(), "to": (t0 + timedelta(days=1)).isoformat(), "version": "x"},
+                     {"from": t0.isoformat(), "to": (t0 + timedelta(days=1)).isoformat(), "events": [{"x": 1}]}):
+            assert c.post(f"/v1/journeys/{jid}/backtest", json=body).status_code == 400
+        assert c.post("/v1/journeys/from-template/win_back", json={"params": [1]}).status_code == 400
         # nothing was sent: the backtest journey is a draft and its stats are empty
         assert c.get(f"/v1/journeys/{jid}/stats").json()["entered"] == 0
 
