@@ -606,3 +606,36 @@ async def test_profile_erasure_deletes_the_ledger_and_its_codes(
     assert await store.lines_after(profile_id, 0, 10) == []
     assert await store.get_code(code) is None
     assert (await store.load(merged_in))[1] == 0  # the merged-in remains are erased with it
+
+
+async def test_lines_committed_while_kafka_is_unreachable_are_published_later(
+    stack_settings: Settings, store_pair: tuple[LedgerStore, LedgerStore], program_defined: dict[str, Any],
+) -> None:
+    """The outbox: a committed line whose produce failed is produced by the next command for the customer."""
+    from services.profile.loyalty.domain import Adjust
+
+    profile_id = f"p-{uuid.uuid4().hex[:10]}"
+    store = store_pair[0]
+    # A producer that lost its broker connection for good (stopped): every produce fails.
+    dead = make_producer(stack_settings, client_id="loyalty-dead")
+    await dead.start()
+    await dead.stop()
+    offline = LoyaltyService(stack_settings, LoyaltySettings(publish_timeout_s=1), store,
+                             ProgramStore(store.session), dead, lambda: utcnow())
+    committed = await offline.handle(profile_id, Adjust(70, "during the outage", "test", "a1"))
+    assert committed.ledger.balance == 70  # the commit stands
+    assert await store.published_seq(profile_id) == 0
+
+    live_producer = make_producer(stack_settings, client_id="loyalty-test")
+    await live_producer.start()
+    try:
+        online = LoyaltyService(stack_settings, LoyaltySettings(), store_pair[1], ProgramStore(store.session),
+                                live_producer, lambda: utcnow())
+        # A retried command (no new ledger events) flushes what was never produced.
+        await online.handle(profile_id, Adjust(70, "during the outage", "test", "a1"))
+        assert await store.published_seq(profile_id) == 1
+    finally:
+        await live_producer.stop()
+    published = await _loyalty_events(stack_settings, profile_id, want=1)
+    assert [(e.event, e.properties["points"], e.properties["note"]) for e in published] == [
+        ("Points Adjusted", 70, "during the outage")]

@@ -251,15 +251,22 @@ class LoyaltyService:
         if self.producer is None or not lines:
             return True  # no producer: publishing is disabled (ledger-only tools and tests)
         received_at = self.clock()
-        try:
+        producer = self.producer
+
+        async def produce_all() -> None:
             futures = [
-                await self.producer.send(
+                await producer.send(
                     self.raw_topic, encode_event(self.track_event(profile_id, line, received_at)),
                     key=profile_id.encode(),
                 )
                 for line in lines
             ]
             await asyncio.gather(*futures)
+
+        try:
+            # Bounded: with Kafka unreachable a send can wait for metadata for a long time, and the caller
+            # (an API request, the stream batch) must not hang; the outbox retries later.
+            await asyncio.wait_for(produce_all(), self.config.publish_timeout_s)
         except Exception:
             metrics.PUBLISH_ERRORS.inc(len(lines))
             log.warning("producing %d ledger lines of %s failed; will retry", len(lines), profile_id, exc_info=True)
