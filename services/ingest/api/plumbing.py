@@ -7,12 +7,16 @@ import zlib
 from typing import Any
 
 import orjson
-from fastapi import Request
+from fastapi import Request, Response
 
 from loyalist.auth import Credential, basic_auth_username, credential_store
 from loyalist.http import ApiError
 from services.ingest.domain.tracking import write_key_from_body
 from services.ingest.metrics import EVENTS_REJECTED
+
+
+def json_response(body: Any, status_code: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status_code, media_type="application/json")
 
 
 def too_large(limit: int, what: str = "request body") -> ApiError:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
+from fastapi import APIRouter, Request, Response
 
 from loyalist.events import utcnow
 from loyalist.http import ApiError
 from services.ingest.api.docs import BATCH_BODY, CALL_BODIES, RESPONSES, SUCCESS
-from services.ingest.api.plumbing import authenticate, header_write_key, parse_json, read_body
+from services.ingest.api.plumbing import authenticate, header_write_key, json_response, parse_json, read_body
 from services.ingest.domain.tracking import MessageRejected, parse_timestamp
 from services.ingest.metrics import BATCH_SIZE
 from services.ingest.pipeline import Ingestor
@@ -38,7 +37,7 @@ def ingestor(request: Request) -> Ingestor:
 
 
 def _single_handler(call_type: str) -> Any:
-    async def handle(request: Request) -> ORJSONResponse:
+    async def handle(request: Request) -> Response:
         received_at = utcnow()
         pipeline = ingestor(request)
         header_key = header_write_key(request)
@@ -51,13 +50,13 @@ def _single_handler(call_type: str) -> Any:
             first = rejected[0]
             raise ApiError(400, first.code, first.message)
         outcome = await pipeline.publish(prepared, source=credential.source, limiter_id=credential.name)
-        return ORJSONResponse({"success": True, "duplicate": outcome.duplicates > 0})
+        return json_response({"success": True, "duplicate": outcome.duplicates > 0})
 
     handle.__name__ = f"{call_type}_call"
     return handle
 
 
-async def batch_call(request: Request) -> ORJSONResponse:
+async def batch_call(request: Request) -> Response:
     received_at = utcnow()
     pipeline = ingestor(request)
     config = pipeline.config
@@ -91,7 +90,7 @@ async def batch_call(request: Request) -> ORJSONResponse:
             success=False, accepted=outcome.accepted, duplicates=outcome.duplicates,
             rejected=[r.as_dict() for r in rejected],
         )
-    return ORJSONResponse({"success": True, **summary})
+    return json_response({"success": True, **summary})
 
 
 def tracking_router(prefix: str = "", *, include_in_schema: bool = True) -> APIRouter:

@@ -11,14 +11,13 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Path, Request
-from fastapi.responses import ORJSONResponse
+from fastapi import APIRouter, Path, Request, Response
 
 from loyalist.events import utcnow
 from loyalist.http import ApiError
 from services.ingest.adapters.sources import PlatformSource, SourceStore
 from services.ingest.api.docs import RESPONSES, TrackingResponse
-from services.ingest.api.plumbing import authenticate, header_write_key, parse_json, read_body
+from services.ingest.api.plumbing import authenticate, header_write_key, json_response, parse_json, read_body
 from services.ingest.api.tracking import ingestor
 from services.ingest.domain.commerce import verify_hmac_base64
 from services.ingest.domain.shopify import map_shopify
@@ -71,14 +70,14 @@ async def _deliver(
     delivery_id: str | None,
     body: bytes,
     mapper: Callable[[Any, datetime], list[dict[str, Any]]],
-) -> ORJSONResponse:
+) -> Response:
     pipeline: Ingestor = ingestor(request)
     guard = pipeline.guard
     received_at = utcnow()
     dedup_key = (platform, "delivery", source.shop, delivery_id) if delivery_id else None
     if dedup_key and await guard.seen_once(dedup_key):
         WEBHOOKS.labels(platform, topic, "duplicate").inc()
-        return ORJSONResponse({"success": True, "duplicate": True})
+        return json_response({"success": True, "duplicate": True})
     payload = parse_json(body)
     try:
         docs = mapper(payload, received_at)
@@ -86,7 +85,7 @@ async def _deliver(
         if exc.code == "unsupported_topic":
             # A 2xx, or the platform retries and finally disables the whole subscription.
             WEBHOOKS.labels(platform, topic, "ignored").inc()
-            return ORJSONResponse({"success": True, "ignored": True, "reason": exc.message})
+            return json_response({"success": True, "ignored": True, "reason": exc.message})
         WEBHOOKS.labels(platform, topic, exc.code).inc()
         raise ApiError(422, exc.code, exc.message) from exc
     prepared = pipeline.prepare_documents(docs, source=source.source)
@@ -94,7 +93,7 @@ async def _deliver(
     if dedup_key:
         await guard.record_once(dedup_key, pipeline.config.webhook_dedup_ttl_s)
     WEBHOOKS.labels(platform, topic, "accepted").inc()
-    return ORJSONResponse({"success": True, "duplicates": outcome.duplicates,
+    return json_response({"success": True, "duplicates": outcome.duplicates,
                           "events": [{"messageId": p.event.message_id, "type": p.event.type, "event": p.event.event}
                                      for p in prepared]})
 
@@ -103,7 +102,7 @@ async def _deliver(
     "/v1/webhooks/shopify", summary="Shopify webhooks (orders, refunds, checkouts, customers)",
     response_model=TrackingResponse, responses=RESPONSES, openapi_extra=_RAW_JSON_BODY,
 )
-async def shopify_webhook(request: Request) -> ORJSONResponse:
+async def shopify_webhook(request: Request) -> Response:
     """Headers: `X-Shopify-Topic`, `X-Shopify-Shop-Domain`, `X-Shopify-Hmac-Sha256` (base64 HMAC-SHA256 of
     the raw body with the shop's secret), `X-Shopify-Webhook-Id` (deduplication)."""
     headers = request.headers
@@ -144,7 +143,7 @@ async def _remember_order(request: Request, platform: str, shop: str, body: byte
     "/v1/webhooks/woocommerce", summary="WooCommerce webhooks (orders, customers)",
     response_model=TrackingResponse, responses=RESPONSES, openapi_extra=_RAW_JSON_BODY,
 )
-async def woocommerce_webhook(request: Request) -> ORJSONResponse:
+async def woocommerce_webhook(request: Request) -> Response:
     """Headers: `X-WC-Webhook-Topic`, `X-WC-Webhook-Source` (the site URL), `X-WC-Webhook-Signature`
     (base64 HMAC-SHA256 of the raw body), `X-WC-Webhook-Delivery-ID` (deduplication)."""
     headers = request.headers
@@ -152,7 +151,7 @@ async def woocommerce_webhook(request: Request) -> ORJSONResponse:
     body = await read_body(request, ingestor(request).config.max_webhook_bytes)
     if not topic and body.startswith(b"webhook_id="):
         # WooCommerce pings a new webhook with a form body and no topic: answer 200 so it is activated.
-        return ORJSONResponse({"success": True, "ping": True})
+        return json_response({"success": True, "ping": True})
     source = await _verified_source(request, "woocommerce", headers.get("x-wc-webhook-source"))
     if not verify_hmac_base64(source.secret.encode(), body, headers.get("x-wc-webhook-signature")):
         raise _bad_signature("woocommerce", topic)
@@ -168,7 +167,7 @@ async def woocommerce_webhook(request: Request) -> ORJSONResponse:
     "/v1/webhooks/zendesk/{account}", summary="Zendesk event webhooks (ticket.*, user.*)",
     response_model=TrackingResponse, responses=RESPONSES, openapi_extra=_RAW_JSON_BODY,
 )
-async def zendesk_webhook(request: Request, account: str = Path(max_length=200)) -> ORJSONResponse:
+async def zendesk_webhook(request: Request, account: str = Path(max_length=200)) -> Response:
     """`account` is the name the Zendesk source was registered with. Headers: `X-Zendesk-Webhook-Signature`
     (base64 HMAC-SHA256 of timestamp + body), `X-Zendesk-Webhook-Signature-Timestamp`."""
     headers = request.headers
@@ -220,7 +219,7 @@ SUPPORT_BODY = {"requestBody": {"required": True, "content": {"application/json"
     "/v1/support/events", tags=["support"], summary="Help-desk facts: tickets, satisfaction ratings, NPS",
     response_model=TrackingResponse, responses=RESPONSES, openapi_extra=SUPPORT_BODY,
 )
-async def support_event(request: Request) -> ORJSONResponse:
+async def support_event(request: Request) -> Response:
     """Authenticated with a write key like the tracking API (HTTP Basic username, or `writeKey`)."""
     pipeline = ingestor(request)
     header_key = header_write_key(request)
@@ -232,5 +231,5 @@ async def support_event(request: Request) -> ORJSONResponse:
         raise ApiError(400, exc.code, exc.message) from exc
     prepared = pipeline.prepare_documents(docs, source=credential.source)
     outcome = await pipeline.publish(prepared, source=credential.source, limiter_id=credential.name)
-    return ORJSONResponse({"success": True, "duplicate": outcome.duplicates > 0,
+    return json_response({"success": True, "duplicate": outcome.duplicates > 0,
                            "events": [{"messageId": p.event.message_id, "event": p.event.event} for p in prepared]})
