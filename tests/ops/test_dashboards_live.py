@@ -165,6 +165,7 @@ def live(stack_settings: Settings) -> Iterator[LiveStack]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+        shutil.rmtree(home / "tsdb", ignore_errors=True)  # the logs stay, for a failure's post-mortem
         try:
             from loyalist.cassandra import drop_keyspace
             from loyalist.kafka import delete_namespace_topics
