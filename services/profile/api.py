@@ -25,6 +25,7 @@ from services.profile.streams import Runtime
 LookupKind = Literal["profile_id", "user_id", "anonymous_id", "email", "phone"]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No profile for this identifier"}}
 MAX_REDIRECTS = 8
+END_OF_TIME_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z
 
 
 def _store(request: Request) -> ProfileStore:
@@ -159,7 +160,7 @@ def profiles_router() -> APIRouter:
             except ValueError:
                 raise ApiError(422, "invalid_cursor", "cursor is not one this API returned") from None
         else:
-            end = (to_ms(_parse_time(until, "until")) + 1 if until else 2**62, "")
+            end = (to_ms(_parse_time(until, "until")) + 1 if until else END_OF_TIME_MS, "")
         since_ms = to_ms(_parse_time(since, "since")) if since else None
         rows = await _store(request).events_before(pid, end, limit + 1)
         if since_ms is not None:

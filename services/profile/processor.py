@@ -222,8 +222,9 @@ class Resolver:
             matched = [i for i in ids if known.get(i) and known[i] != plan.target]
             for ident in matched:
                 relinks[ident] = plan.target
+            linking = [i for i in ids if known.get(i)]
             for loser in plan.merge_from:
-                out.append(fold_message("merge_out", loser, into=plan.target, reason=merge_reason(event, matched),
+                out.append(fold_message("merge_out", loser, into=plan.target, reason=merge_reason(event, linking),
                                         cause=event.dedup_key, at=iso(to_ms(event.timestamp))))
             for ident in ids:
                 known[ident] = plan.target

@@ -45,7 +45,8 @@ async def kafka_batches(settings: Settings, batch_size: int, progress: tqdm) -> 
                                 max_partition_fetch_bytes=4 * 1024 * 1024)
     await consumer.start()
     try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        cluster = await consumer._client.fetch_all_metadata()
+        partitions = [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or [])]
         if not partitions:
             return
         consumer.assign(partitions)

@@ -83,6 +83,11 @@ class ProfileClient:
         resp.raise_for_status()
         return resp.json()  # type: ignore[no-any-return]
 
+    def must(self, identifier: str, **params: Any) -> dict[str, Any]:
+        doc = self.profile(identifier, **params)
+        assert doc is not None, f"no profile for {identifier} {params}"
+        return doc
+
     def wait_profile(self, identifier: str, predicate: Callable[[dict[str, Any]], bool] = lambda p: True,
                      timeout_s: float = 30, **params: Any) -> dict[str, Any]:
         def check() -> dict[str, Any] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -123,7 +124,7 @@ def test_merge_survivor_is_the_same_whatever_order_identifiers_meet() -> None:
     expected = min(profile_id_for(i) for i in ids)
     for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
         owner: dict[Identifier, str] = {}
-        for a, b in zip(order, order[1:], strict=False):
+        for a, b in itertools.pairwise(order):
             pair = [ids[a], ids[b]]
             plan = plan_resolution(pair, {i: owner.get(i) for i in pair})
             for i, pid in list(owner.items()):

@@ -37,8 +37,8 @@ def test_anonymous_browsing_then_identify_merges_into_the_user(stack_settings: S
     survivor = pid_of("user_id", user)
     assert doc["profile_id"] == survivor
     assert doc["category_affinity"] == {"Jazz": 1.0} and doc["traits"]["name"] == "Ann"
-    assert api.profile(anon, by="anonymous_id")["profile_id"] == survivor
-    assert api.profile(anon_doc["profile_id"])["profile_id"] == survivor  # the old id redirects
+    assert api.must(anon, by="anonymous_id")["profile_id"] == survivor
+    assert api.must(anon_doc["profile_id"])["profile_id"] == survivor  # the old id redirects
     identities = api.get(f"/v1/profiles/{survivor}/identities").json()
     assert {(i["kind"], i["value"]) for i in identities["identities"]} == {
         ("anonymous_id", anon), ("user_id", user), ("email", f"{user}@example.com")}
@@ -63,7 +63,7 @@ def test_alias_chain_joins_every_previous_id(stack_settings: Settings, api: Prof
     expected = min(pid_of("user_id", u) for u in (first, second, third))
     assert doc["profile_id"] == expected and doc["revenue_total"] == 60
     for user in (first, second, third):
-        assert api.profile(user, by="user_id")["profile_id"] == expected
+        assert api.must(user, by="user_id")["profile_id"] == expected
 
 
 def test_two_known_profiles_merge_when_an_order_carries_a_known_email(stack_settings: Settings,
@@ -79,8 +79,8 @@ def test_two_known_profiles_merge_when_an_order_carries_a_known_email(stack_sett
     doc = api.wait_profile(email, lambda p: p["orders_count"] == 3, by="email")
     assert doc["profile_id"] == survivor and doc["revenue_total"] == 60
     assert doc["rfm"]["frequency"] == 2 and doc["rfm"]["recency_days"] == 4
-    assert api.profile(ann, by="user_id")["profile_id"] == survivor
-    assert api.profile(shop_account, by="user_id")["profile_id"] == survivor
+    assert api.must(ann, by="user_id")["profile_id"] == survivor
+    assert api.must(shop_account, by="user_id")["profile_id"] == survivor
     merges = api.get(f"/v1/profiles/{survivor}/identities").json()["merges"]
     assert [m["reason"] for m in merges] == ["email_match"]
 
@@ -128,7 +128,7 @@ def test_as_of_and_the_paged_timeline(stack_settings: Settings, api: ProfileClie
     user = uid()
     produce(stack_settings, [order(user, 10 * (i + 1), T0 + timedelta(days=10 * i)) for i in range(5)])
     doc = api.wait_profile(user, lambda p: p["orders_count"] == 5, by="user_id")
-    past = api.profile(user, by="user_id", as_of=(T0 + timedelta(days=15)).isoformat())
+    past = api.must(user, by="user_id", as_of=(T0 + timedelta(days=15)).isoformat())
     assert past["orders_count"] == 2 and past["revenue_total"] == 30 and past["rfm"]["T_days"] == 15
     pages: list[dict[str, Any]] = []
     cursor = None
