@@ -30,7 +30,7 @@ class NotifyConfig(BaseSettings):
     smtp_password: str | None = Field(default=None, repr=False)
     smtp_use_tls: bool = False
     smtp_start_tls: bool = False
-    smtp_timeout_s: float = 20.0
+    smtp_timeout_s: float = 15.0
 
     # SMS provider (the Twilio Messages API shape, see docs/notify.md).
     sms_base_url: str = "https://api.twilio.com"
@@ -46,8 +46,10 @@ class NotifyConfig(BaseSettings):
     concurrency: int = 32
     batch_size: int = 200
 
-    # A claim older than this with no progress belongs to a dead process and may be taken over.
-    lease_s: float = 30.0
+    # A claim older than this belongs to a dead process and may be taken over. It must outlast one message's
+    # provider calls including the immediate retries ((1 + RETRY_IMMEDIATE) x SMTP timeout + backoff), or a
+    # slow but live send could be taken over and sent twice; a shorter lease only speeds up crash recovery.
+    lease_s: float = 60.0
     schedule_poll_s: float = 1.0
     retry_immediate: int = 2
     retry_max_attempts: int = 8

@@ -253,9 +253,13 @@ class Notifier:
                 SEND_DURATION.labels(req.channel).observe(time.perf_counter() - started)
         self.crash.maybe_crash("after_send")
         sent_at = self.clock()
-        await self.store.transition(req.idempotency_key, "sending", self.owner, "sent", sent_at, sent_at=sent_at,
-                                    provider_id=delivered.provider_id, attempts=attempts + 1, reason=None,
-                                    detail=None)
+        recorded = await self.store.transition(req.idempotency_key, "sending", self.owner, "sent", sent_at,
+                                               sent_at=sent_at, provider_id=delivered.provider_id,
+                                               attempts=attempts + 1, reason=None, detail=None)
+        if not recorded:
+            # Our lease expired mid-send and another worker took the message over: it may send it again.
+            log.error("message %s was sent but its claim had been taken over; a duplicate is possible",
+                      req.idempotency_key)
         self.crash.maybe_crash("after_record")
         SENT.labels(req.channel, req.category).inc()
         started_at = req.event_accepted_at or req.requested_at

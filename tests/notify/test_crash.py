@@ -107,7 +107,7 @@ def test_kill9_in_the_residual_window_is_visible_and_never_loses(
     """After the provider accepted a message and before "sent" is recorded, nobody can know whether it went
     out. With the default policy (resend) nothing is lost; a duplicate can occur and only there, and every such
     message says ``ambiguousRecovery: true`` in the delivery log."""
-    n = 12
+    n = 8
     run_tag, emails, requests = _batch(stack_settings, n, "window")
     produce_requests(stack_settings, *requests)
     svc = launch_notify(stack_settings, "crash-window", LOYALIST_NOTIFY_CRASH_POINT="after_send",
