@@ -54,7 +54,7 @@ status: deps
 # ---- quality -------------------------------------------------------------------------------------
 lint: deps
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy loyalist services
+	$(VENV)/bin/mypy loyalist services demo bench
 	$(VENV)/bin/lint-imports
 	$(PY) -m loyalist.checks.compose docker-compose.yml
 	$(MAKE) --no-print-directory lint-helm
