@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,7 @@ class SteadyLoad:
         self.acked: dict[str, JSON] = {}
         self.resends = 0
         self.last_ack = 0.0
+        self.ack_times: list[float] = []
         self._stop = asyncio.Event()
         self._n = 0
 
@@ -201,6 +203,7 @@ class SteadyLoad:
                     for e in events:
                         self.acked[e["messageId"]] = e
                     self.last_ack = time.monotonic()
+                    self.ack_times.append(self.last_ack)
                     return
             except httpx.HTTPError:
                 pass
@@ -281,7 +284,8 @@ class ChaosRun:
             if load.last_ack > killed:
                 break
             await asyncio.sleep(0.1)
-        fault.recovery_s = load.last_ack - killed if load.last_ack > killed else None
+        first_ack = next((t for t in load.ack_times if t > killed), None)
+        fault.recovery_s = first_ack - killed if first_ack is not None else None
         if fault.recovery_s is None:
             fault.note = "ingest did not acknowledge again within 120 s"
         fault.acked_during = len(load.acked) - acked_before
@@ -357,6 +361,10 @@ class ChaosRun:
         stored = 0
         dups = 0
         lost = 0
+        # the replay is rebuilt from the event store up to now, and both are measured to the same day
+        now = datetime.now(UTC)
+        as_of = (now + timedelta(seconds=1)).isoformat().replace("+00:00", "Z")
+        day = now.date().isoformat()
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
             for uid, events in sorted(per_user.items()):
                 ids = await self.timeline_ids(client, uid)
@@ -371,7 +379,7 @@ class ChaosRun:
             if stored >= 0:
                 r.stored, r.stored_duplicates, r.lost_from_store = stored, dups, lost
             for uid, events in sorted(per_user.items()):
-                resp = await client.get(f"/v1/profiles/{uid}")
+                resp = await client.get(f"/v1/profiles/{uid}", params={"observation_date": day})
                 r.profiles_checked += 1
                 if resp.status_code != 200:
                     r.profile_mismatches.append(f"{uid}: GET → {resp.status_code}")
@@ -383,7 +391,7 @@ class ChaosRun:
                 if doc.get("orders_count") != len(orders) or abs(got_revenue - want_revenue) > 0.005:
                     r.profile_mismatches.append(f"{uid}: orders {doc.get('orders_count')} revenue {got_revenue}, "
                                                 f"acknowledged {len(orders)} / {want_revenue}")
-                replay = await client.get(f"/v1/profiles/{uid}", params={"as_of": "2100-01-01T00:00:00Z"})
+                replay = await client.get(f"/v1/profiles/{uid}", params={"as_of": as_of, "observation_date": day})
                 if replay.status_code == 200:
                     rebuilt = replay.json()
                     for key in ("orders_count", "revenue_total", "first_order_at", "last_order_at", "rfm"):
@@ -424,9 +432,11 @@ class ChaosRun:
         headers = {"Authorization": f"Bearer {self.fleet.settings.dev_api_token}"}
         keys: dict[str, set[str]] = {}
         sent: dict[str, Counter[str]] = {}
+        statuses: Counter[str] = Counter()
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
             while True:
                 keys, sent = {}, {}
+                statuses.clear()
                 for i in range(load.users):
                     uid = load.user(i)
                     resp = await client.get("/v1/messages", params={"user_id": uid, "limit": 500})
@@ -438,6 +448,7 @@ class ChaosRun:
                             continue
                         key = str(m.get("idempotencyKey"))
                         keys.setdefault(uid, set()).add(key)
+                        statuses[f"{m.get('status')}:{m.get('reason') or ''}".rstrip(":")] += 1
                         if m.get("status") in ("sent", "delivered"):
                             sent.setdefault(uid, Counter())[key] += 1
                 if all(len(keys.get(u, ())) >= n for u, n in expected.items()) or time.monotonic() > deadline:
@@ -458,6 +469,6 @@ class ChaosRun:
                 extra += max(0, delivered - len(sent.get(load.user(i), {})))
             r.messages_duplicated += extra
             r.notes.append(f"mail sink: {sum(per_address.values())} emails to {len(per_address)} chaos customers; "
-                           f"notify sent {sum(len(v) for v in sent.values())}")
+                           f"notify sent {sum(len(v) for v in sent.values())}; outcomes {dict(statuses)}")
         except (httpx.HTTPError, ValueError) as exc:
             r.notes.append(f"mail sink not readable ({type(exc).__name__}): emails not counted")
