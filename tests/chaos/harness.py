@@ -26,9 +26,9 @@ import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
-from datetime import UTC, datetime, timedelta
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
