@@ -179,10 +179,13 @@ class Resolver:
         for _attempt in range(10):
             out, claims, relinks, keyed = self._plan(parsed, known)
             now = self.clock()
-            owners = await gather_limited(
-                (self.store.claim_identity(i, pid, now, exclusive=i not in keyed) for i, pid in claims.items()),
-                limit=32)
-            lost = {i: owner for (i, pid), owner in zip(claims.items(), owners, strict=True) if owner != pid}
+            # Lightweight transactions are costly for Cassandra: fewer at a time than plain writes.
+            exclusive = [(i, pid) for i, pid in claims.items() if i not in keyed]
+            plain = [(i, pid) for i, pid in claims.items() if i in keyed]
+            owners, _ = await asyncio.gather(
+                gather_limited((self.store.claim_identity(i, pid, now) for i, pid in exclusive), limit=32),
+                gather_limited(self.store.claim_identity(i, pid, now, exclusive=False) for i, pid in plain))
+            lost = {i: owner for (i, pid), owner in zip(exclusive, owners, strict=True) if owner != pid}
             if not lost:
                 break
             known.update(lost)

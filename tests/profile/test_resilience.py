@@ -94,16 +94,20 @@ def test_replay_rebuilds_every_profile_field_for_field(stack_settings: Settings,
                                                        api: ProfileClient) -> None:
     # Some history of our own (merges, late events), then wait for the live side to be idle.
     anon, user = uid("anon"), uid("user")
+    buyers = [uid("buyer") for _ in range(20)]
+    history = [order(b, i + 1, T0 + timedelta(days=(7 * i) % 5)) for i in range(3) for b in buyers]
+    history.append(order(buyers[1], 9, T0, email=f"{buyers[0]}@x.io"))
+    history.append(make_event("identify", userId=buyers[0], traits={"email": f"{buyers[0]}@x.io"}))
     produce(stack_settings, [make_event("page", anonymousId=anon), order(user, 5, T0 + timedelta(days=3)),
                              make_event("identify", userId=user, anonymousId=anon, traits={"email": f"{user}@x.io"}),
-                             order(user, 7, T0)])
+                             order(user, 7, T0), *history])
     marker = uid("marker")
     api.wait_profile(user, lambda p: p["orders_count"] == 2 and p["page_views_count"] == 1, by="user_id")
     produce(stack_settings, [order(marker, 1, T0)])
     api.wait_profile(marker, by="user_id")
     time.sleep(2)
     live = _profiles(stack_settings)
-    assert len(live) > 10
+    assert len(live) >= 20
     # Rebuild in place (the fresh-namespace mode differs only in where it writes, and would spend minutes
     # creating every service's tables on this machine); the service is stopped meanwhile, as documented.
     profile_service.kill(hard=False)
