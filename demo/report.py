@@ -106,10 +106,13 @@ async def gather(urls: dict[str, str | None], token: str, user_ids: list[str], j
                 except Unavailable:
                     return None
 
+            timeline_errors: list[str] = []
+
             async def timeline(uid: str) -> list[str]:
                 try:
                     body = await get_json(c, f"/v1/profiles/{uid}/events", limit=500)
-                except Unavailable:
+                except Unavailable as exc:
+                    timeline_errors.append(str(exc))
                     return []
                 return [str(e.get("timestamp", ""))[:10] for e in body.get("events", [])
                         if e.get("event") == "Order Completed" and e.get("timestamp")]
@@ -119,6 +122,8 @@ async def gather(urls: dict[str, str | None], token: str, user_ids: list[str], j
             sample = user_ids[::step][:timeline_sample]
             timelines = await fetch_all(sample, timeline, desc="reading order timelines (sample)")
         report["customers"] = customers_section(docs, len(user_ids), dict(zip(sample, timelines, strict=True)))
+        if timeline_errors:
+            report["customers"]["timeline_errors"] = {"count": len(timeline_errors), "first": timeline_errors[0]}
     else:
         report["customers"] = {"missing": "the profile service is not running"}
     profiles = {d["profile_id"]: d for d in docs if d.get("profile_id")}
@@ -390,7 +395,7 @@ def svg_heatmap(table: dict[str, list[float]]) -> str:
     return "".join(parts)
 
 
-def svg_bars(items: list[tuple[str, float]], *, width: int = 560, unit: str = "") -> str:
+def svg_bars(items: list[tuple[str, float]], *, width: int = 440, unit: str = "") -> str:
     if not items:
         return "<p>No data.</p>"
     bar, left = 22, 170
@@ -430,6 +435,9 @@ def svg_histogram(values: list[float], *, width: int = 560, height: int = 200) -
 def render_html(r: JSON, text: str) -> str:
     c, g = r["customers"], r["segments"]
     cohorts = svg_heatmap(c.get("cohorts", {})) if "missing" not in c else f"<p>{html.escape(c['missing'])}</p>"
+    if c.get("timeline_errors"):
+        cohorts += (f"<p>{c['timeline_errors']['count']} timelines could not be read: "
+                    f"{html.escape(c['timeline_errors']['first'])}</p>")
     clv = svg_histogram(c.get("clv_values", [])) if "missing" not in c else ""
     rfm = (svg_bars([(k, float(v or 0)) for k, v in g["rfm"].items()]) if "missing" not in g
            else f"<p>{html.escape(g['missing'])}</p>")
