@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -124,9 +124,9 @@ def program_defined(replicas: list[Replica], stack_settings: Settings) -> dict[s
         return response.json()  # type: ignore[no-any-return]
 
 
-@pytest.fixture
-async def store_pair(stack_settings: Settings) -> AsyncIterator[tuple[LedgerStore, LedgerStore]]:
-    """Two independent Cassandra sessions (two clusters) on the test keyspace."""
+@pytest.fixture(scope="module")
+def store_pair(stack_settings: Settings) -> Iterator[tuple[LedgerStore, LedgerStore]]:
+    """Two independent Cassandra sessions (two clusters) on the test keyspace, shared by the module."""
     c1, s1 = connect(stack_settings, keyspace=stack_settings.keyspace)
     c2, s2 = connect(stack_settings, keyspace=stack_settings.keyspace)
     try:
