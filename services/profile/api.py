@@ -4,6 +4,7 @@ of a past time (refolded from the event store) and erasure."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from datetime import UTC, date, datetime
@@ -25,6 +26,7 @@ from services.profile.streams import Runtime
 LookupKind = Literal["profile_id", "user_id", "anonymous_id", "email", "phone"]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No profile for this identifier"}}
 MAX_REDIRECTS = 8
+PROFILE_ID = re.compile(r"p\d[0-9a-f]{24}")
 END_OF_TIME_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z
 
 
@@ -85,11 +87,11 @@ async def _lookup(request: Request, kind: str, value: str) -> str | None:
 
 async def resolve(request: Request, identifier: str, by: LookupKind | None) -> tuple[str, dict[str, Any] | None]:
     """Find the profile an identifier names; by default a profile id, then a user id."""
-    if by in (None, "profile_id"):
+    if by == "profile_id" or (by is None and PROFILE_ID.fullmatch(identifier)):
         pid, doc = await _follow(request, identifier)
         if doc is not None or by == "profile_id":
             return pid, doc
-        by = "user_id"
+    by = by or "user_id"
     pid_found = await _lookup(request, by, _normalize(by, identifier))
     if pid_found is None:
         return identifier, None
