@@ -12,6 +12,7 @@ from loyalist.settings import Settings
 from loyalist.topics import EVENTS_RAW
 from services.ingest.adapters.guard import IngestGuard
 from services.ingest.adapters.kafka_sink import EventSink
+from services.ingest.adapters.schema_files import load_schema_documents
 from services.ingest.adapters.sources import SourceStore
 from services.ingest.api import sdk, webhooks
 from services.ingest.api import sources as sources_api
@@ -35,7 +36,7 @@ DESCRIPTION = """Every fact Loyalist knows about a customer enters here.
 def create_app(settings: Settings | None = None, config: IngestConfig | None = None) -> FastAPI:
     settings = settings or Settings()
     config = config or IngestConfig()
-    schemas = SchemaRegistry.load()
+    schemas = SchemaRegistry.from_documents(load_schema_documents())
     sink = EventSink(settings, settings.topic(EVENTS_RAW.name), timeout_s=config.produce_timeout_s,
                      linger_ms=config.producer_linger_ms)
 

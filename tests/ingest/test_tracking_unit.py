@@ -10,12 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loyalist.events import decode_event, encode_event
+from services.ingest.adapters.schema_files import load_schema_documents
 from services.ingest.domain.schemas import SchemaRegistry
 from services.ingest.domain.tracking import MessageRejected, normalize_message
 from services.ingest.pipeline import event_record
 
 NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC)
-SCHEMAS = SchemaRegistry.load()
+SCHEMAS = SchemaRegistry.from_documents(load_schema_documents())
 
 
 def norm(raw: Any, call_type: str | None = "track", **kw: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from services.ingest.adapters.schema_files import load_schema_documents
 from services.ingest.domain.schemas import SchemaRegistry
 from services.ingest.domain.shopify import map_shopify
 from services.ingest.domain.support import map_support, map_zendesk, verify_zendesk, zendesk_signature
@@ -19,7 +20,7 @@ from services.ingest.pipeline import event_record
 PAYLOADS = Path(__file__).parent / "payloads"
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
 SHOP = "loyalist-dev.myshopify.com"
-SCHEMAS = SchemaRegistry.load()
+SCHEMAS = SchemaRegistry.from_documents(load_schema_documents())
 
 
 def load(name: str) -> Any:

@@ -5,7 +5,8 @@ A schema names what it describes in ``x-loyalist``: ``{"type": "track", "event":
 "version": 1}``; a call-type schema (``identify.v1.json``) has no ``event``. A track event without its own
 schema is checked against the generic ``track`` schema.
 
->>> registry = SchemaRegistry.load()
+>>> from services.ingest.adapters.schema_files import load_schema_documents
+>>> registry = SchemaRegistry.from_documents(load_schema_documents())
 >>> registry.schema_for("track", "Order Completed", 1).name
 'order_completed.v1'
 >>> registry.schema_for("track", "Some Custom Event", 1).name
@@ -21,13 +22,9 @@ True
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jsonschema_rs
-import orjson
-
-SCHEMAS_DIR = Path(__file__).resolve().parents[3] / "schemas" / "events"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +43,14 @@ class SchemaRegistry:
         self._by_key = {(s.call_type, s.event, s.version): s for s in schemas}
 
     @classmethod
-    def load(cls, directory: Path = SCHEMAS_DIR) -> SchemaRegistry:
+    def from_documents(cls, documents: list[tuple[str, dict[str, Any]]]) -> SchemaRegistry:
+        """(name, JSON Schema document) pairs, e.g. ``("order_completed.v1", {...})``."""
         schemas = []
-        for path in sorted(directory.glob("*.v*.json")):
-            document = orjson.loads(path.read_bytes())
+        for name, document in documents:
             meta = document["x-loyalist"]
             schemas.append(EventSchema(
-                name=path.name.removesuffix(".json"), call_type=meta["type"], event=meta.get("event"),
-                version=int(meta["version"]), document=document,
-                validator=jsonschema_rs.validator_for(document),
+                name=name, call_type=meta["type"], event=meta.get("event"), version=int(meta["version"]),
+                document=document, validator=jsonschema_rs.validator_for(document),
             ))
         return cls(schemas)
 
