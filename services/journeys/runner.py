@@ -226,19 +226,29 @@ class JourneyRunner:
     async def _profile(self, profile_id: str, items: list[Work]) -> None:
         async with self._limit:
             instances = await self.instances.for_profile(profile_id)
-            profile = await self._profile_doc(profile_id)
+            profile: list[dict[str, Any] | None] = []  # read from Redis once, and only when a step needs it
+
+            async def load_profile() -> dict[str, Any] | None:
+                if not profile:
+                    profile.append(await self._profile_doc(profile_id))
+                return profile[0]
+
             for work in items:
                 if work.topic == "changed":
                     await self._schedule_date_entries(profile_id, work.profile_doc or {})
                     metrics.TRIGGERS.labels("profile.changed", "ok").inc()
                     continue
-                instances = await self._step(profile_id, work, instances, profile)
+                instances = await self._step(profile_id, work, instances, load_profile)
 
     async def _step(self, profile_id: str, work: Work, instances: list[Instance],
-                    profile: dict[str, Any] | None) -> list[Instance]:
+                    load_profile: Callable[[], Awaitable[dict[str, Any] | None]]) -> list[Instance]:
         now = self.clock()
-        decisions: list[tuple[Instance | None, Decision]] = []
         trigger = work.trigger
+        if not await self._concerns(trigger, instances, now):
+            metrics.TRIGGERS.labels(work.topic, "no_effect").inc()
+            return instances
+        profile = await load_profile()
+        decisions: list[tuple[Instance | None, Decision]] = []
         if work.topic == "entry_timer":
             assert isinstance(trigger, TimerTrigger) and work.journey_id
             metrics.TIMERS_FIRED.labels("entry").inc()
@@ -275,6 +285,22 @@ class JourneyRunner:
             return instances
         await self._carry_out(changed, now)
         return _latest(instances, changed)
+
+    async def _concerns(self, trigger: Any, instances: list[Instance], now: datetime) -> bool:
+        """Cheap pre-check (no profile read): could this trigger change anything for this customer?"""
+        if isinstance(trigger, TimerTrigger):
+            return True
+        if any(i.running or (i.goal_deadline is not None and i.converted_at is None and now <= i.goal_deadline)
+               for i in instances):
+            return True
+        for _, definition in await self.registry.active():
+            entry = definition.entry
+            if isinstance(trigger, EventTrigger) and entry.type == "event" and entry.event == trigger.name:
+                return True
+            if isinstance(trigger, SegmentTrigger) and entry.type == "segment" and \
+                    entry.segment_id == trigger.segment_id:
+                return True
+        return False
 
     async def _date_entry(self, profile_id: str, journey_id: str, due: datetime, instances: list[Instance],
                           profile: dict[str, Any] | None, now: datetime) -> list[tuple[Instance | None, Decision]]:

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from aiokafka.partitioner import murmur2
 from cassandra.cluster import Session
+from cassandra.query import BatchStatement, BatchType
 
 from services.journeys.domain.codec import instance_from_doc, instance_to_doc
 from services.journeys.domain.engine import Instance, stable_bucket
@@ -172,12 +173,13 @@ class InstanceStore:
     async def save(self, instance: Instance, now: datetime) -> None:
         state = orjson.dumps(instance_to_doc(instance)).decode()
         bucket = int(stable_bucket(instance.instance_id) * INSTANCE_BUCKETS)
-        await asyncio.gather(
-            execute(self.s, self._upsert, (instance.profile_id, instance.journey_id, instance.instance_id,
-                                           instance.version, instance.status, state, now)),
-            execute(self.s, self._upsert_by_journey, (instance.journey_id, bucket, instance.instance_id,
-                                                      instance.profile_id, instance.status, state, now)),
-        )
+        # One round trip for both copies (an unlogged batch: each write is idempotent on its own).
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+        batch.add(self._upsert, (instance.profile_id, instance.journey_id, instance.instance_id,
+                                 instance.version, instance.status, state, now))
+        batch.add(self._upsert_by_journey, (instance.journey_id, bucket, instance.instance_id,
+                                            instance.profile_id, instance.status, state, now))
+        await execute(self.s, batch)
 
     async def for_journey(self, journey_id: str) -> list[Instance]:
         pages = await asyncio.gather(*(execute(self.s, self._scan_bucket, (journey_id, b))
