@@ -1,6 +1,7 @@
 """A real SMTP server (aiosmtpd) that accepts every message and keeps it, for the local stack, tests
 and the demo. Messages are stored as ``.eml`` files under ``$LOYALIST_HOME/smtp`` and listed as JSON on
-``http://127.0.0.1:$LOYALIST_SMTP_SINK_HTTP_PORT/messages`` (``?to=ADDRESS`` filters; ``DELETE`` clears).
+``http://127.0.0.1:$LOYALIST_SMTP_SINK_HTTP_PORT/messages`` (``?to=ADDRESS`` filters, ``?to_contains=TEXT``
+filters by part of a recipient; ``DELETE`` clears).
 """
 
 from __future__ import annotations
@@ -36,23 +37,50 @@ class SinkHandler:
         return "250 Message accepted for delivery"
 
 
-def list_messages(directory: Path, to: str | None = None) -> list[dict[str, Any]]:
+_PARSED: dict[str, dict[str, Any]] = {}
+_PARSED_LOCK = threading.Lock()
+
+
+def _parse(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """One stored message as JSON; parsed once and cached (files never change once written), so listing
+    thousands of messages does not re-parse every MIME body on every request."""
+    with _PARSED_LOCK:
+        cached = _PARSED.get(path.name)
+    if cached is not None:
+        return cached
+    msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+    text = html = None
+    for part in msg.walk():
+        if part.get_content_type() == "text/plain" and text is None:
+            text = part.get_content()
+        elif part.get_content_type() == "text/html" and html is None:
+            html = part.get_content()
+    parsed = {
+        "id": path.stem, **meta, "subject": msg["Subject"], "from": msg["From"], "to": msg["To"],
+        "headers": {k: str(v) for k, v in msg.items()}, "text": text, "html": html,
+    }
+    with _PARSED_LOCK:
+        _PARSED[path.name] = parsed
+    return parsed
+
+
+def list_messages(directory: Path, to: str | None = None, to_contains: str | None = None) -> list[dict[str, Any]]:
+    """Stored messages, oldest first; ``to`` keeps an exact recipient, ``to_contains`` a substring of one."""
     out = []
     for path in sorted(directory.glob("*.eml")):
-        meta = json.loads((path.with_name(path.name + ".json")).read_text())
-        if to and to.lower() not in [r.lower() for r in meta["rcpt_tos"]]:
+        try:
+            meta = json.loads((path.with_name(path.name + ".json")).read_text())
+        except (OSError, ValueError):
+            continue  # being written right now, or cleared meanwhile
+        recipients = [r.lower() for r in meta["rcpt_tos"]]
+        if to and to.lower() not in recipients:
             continue
-        msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
-        text = html = None
-        for part in msg.walk():
-            if part.get_content_type() == "text/plain" and text is None:
-                text = part.get_content()
-            elif part.get_content_type() == "text/html" and html is None:
-                html = part.get_content()
-        out.append({
-            "id": path.stem, **meta, "subject": msg["Subject"], "from": msg["From"], "to": msg["To"],
-            "headers": {k: str(v) for k, v in msg.items()}, "text": text, "html": html,
-        })
+        if to_contains and not any(to_contains.lower() in r for r in recipients):
+            continue
+        try:
+            out.append(_parse(path, meta))
+        except OSError:
+            continue
     return out
 
 
@@ -76,14 +104,17 @@ def serve(settings: Settings) -> None:
             if url.path == "/healthz":
                 self._send(200, {"status": "ok"})
             elif url.path == "/messages":
-                to = parse_qs(url.query).get("to", [None])[0]
-                self._send(200, list_messages(directory, to))
+                query = parse_qs(url.query)
+                self._send(200, list_messages(directory, query.get("to", [None])[0],
+                                              query.get("to_contains", [None])[0]))
             else:
                 self._send(404, {"code": "not_found", "message": url.path})
 
         def do_DELETE(self) -> None:
             for p in directory.glob("*"):
                 p.unlink(missing_ok=True)
+            with _PARSED_LOCK:
+                _PARSED.clear()
             self._send(200, {"status": "cleared"})
 
         def log_message(self, *args: Any) -> None:
