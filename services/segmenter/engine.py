@@ -57,6 +57,9 @@ from services.segmenter.store import SCHEDULE_SHARDS, SegmenterStore, StoredProf
 log = logging.getLogger(__name__)
 
 ORDER_EVENT = "Order Completed"
+# Outbox rows still present this long after their state write had their produce fail; swept this often.
+OUTBOX_STUCK_S = 120.0
+OUTBOX_SWEEP_S = 30.0
 
 
 def iso(when: datetime) -> str:
@@ -94,6 +97,7 @@ class SegmenterEngine:
         self._locks = [asyncio.Lock() for _ in range(256)]
         self._tasks: set[asyncio.Task[Any]] = set()
         self._backfills: dict[str, asyncio.Task[Any]] = {}
+        self._backfill_generation: dict[str, int] = {}
         self._stopping = asyncio.Event()
         self.membership_topic = settings.topic(SEGMENT_MEMBERSHIP.name)
         self.raw_topic = settings.topic(EVENTS_RAW.name)
@@ -120,9 +124,13 @@ class SegmenterEngine:
 
     async def stop(self) -> None:
         self._stopping.set()
-        for task in [*self._tasks, *self._backfills.values()]:
+        # Backfills stop at their next customer; the scheduler at its next pass. Anything cut short by the
+        # timeout is covered by the outbox recovery at the next start.
+        tasks = [*self._tasks, *self._backfills.values()]
+        _, pending = await asyncio.wait(tasks, timeout=5) if tasks else (set(), set())
+        for task in pending:
             task.cancel()
-        for task in [*self._tasks, *self._backfills.values()]:
+        for task in pending:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
@@ -299,10 +307,15 @@ class SegmenterEngine:
         metrics.MEMBERSHIP_CHANGES.labels(change).inc()
         await self.store.outbox_done(transition_id)
 
-    async def recover_outbox(self) -> int:
-        """Send the membership changes a crash left between the state write and the Kafka ack — only
-        those not already in the topic. Returns how many were sent."""
+    async def recover_outbox(self, older_than: timedelta | None = None) -> int:
+        """Send the membership changes a crash (or a failed produce) left between the state write and the
+        Kafka ack — only those not already in the topic. At start every row is such a leftover; while
+        running only rows older than ``older_than`` are (younger ones may still be in flight).
+        Returns how many were sent."""
         rows = await self.store.outbox()
+        if older_than is not None:
+            cutoff = datetime.now(UTC) - older_than
+            rows = [r for r in rows if r["created_at"].replace(tzinfo=UTC) < cutoff]
         if not rows:
             return 0
         oldest = min(r["created_at"] for r in rows).replace(tzinfo=UTC)
@@ -358,9 +371,13 @@ class SegmenterEngine:
 
     # ---- the durable scheduler -------------------------------------------------------------------
     async def _scheduler_loop(self) -> None:
+        last_sweep = time.monotonic()
         while not self._stopping.is_set():
             try:
                 await self.run_due()
+                if time.monotonic() - last_sweep >= OUTBOX_SWEEP_S:
+                    last_sweep = time.monotonic()
+                    await self.recover_outbox(older_than=timedelta(seconds=OUTBOX_STUCK_S))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -408,9 +425,7 @@ class SegmenterEngine:
         row = self.segment_rows.get(segment_id)
         name = row.name if row else segment_id
         await self.store.delete_segment(segment_id)
-        task = self._backfills.pop(segment_id, None)
-        if task:
-            task.cancel()
+        self._stop_backfill(segment_id)
         await self.reload_segments()
         exited = 0
         after = ""
@@ -430,13 +445,18 @@ class SegmenterEngine:
         return exited
 
     def start_backfill(self, segment_id: str, trigger: str) -> None:
-        previous = self._backfills.pop(segment_id, None)
-        if previous is not None:
-            previous.cancel()
-        task = asyncio.create_task(self._backfill(segment_id, trigger), name=f"backfill-{segment_id}")
+        # A running backfill of the same segment stops at its next customer (never mid-decision, so no
+        # outbox row is left unsent) once it sees that a newer generation exists.
+        generation = self._backfill_generation.get(segment_id, 0) + 1
+        self._backfill_generation[segment_id] = generation
+        task = asyncio.create_task(self._backfill(segment_id, trigger, generation), name=f"backfill-{segment_id}")
         self._backfills[segment_id] = task
 
-    async def _backfill(self, segment_id: str, trigger: str) -> None:
+    def _stop_backfill(self, segment_id: str) -> None:
+        self._backfill_generation[segment_id] = self._backfill_generation.get(segment_id, 0) + 1
+        self._backfills.pop(segment_id, None)
+
+    async def _backfill(self, segment_id: str, trigger: str, generation: int) -> None:
         """Evaluate every stored profile once, with progress in the segment row (idempotent: a restart
         starts over and decides nothing twice)."""
         try:
@@ -446,6 +466,8 @@ class SegmenterEngine:
             await self.store.backfill_progress(segment_id, "running", 0, total)
             done = 0
             async for stored in self.store.all_profiles(page_size=self.config.backfill_page):
+                if self._backfill_generation.get(segment_id) != generation or self._stopping.is_set():
+                    return  # superseded by a newer definition, deleted, or shutting down
                 async with self.lock(stored.profile_id):
                     fresh = await self.store.profile(stored.profile_id)
                     if fresh is not None and not fresh.deleted:

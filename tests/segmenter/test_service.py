@@ -461,82 +461,6 @@ async def test_time_triggered_change_survives_a_restart(api: httpx.Client, aapi:
     assert entered[0]["reason"].startswith("time elapsed")
 
 
-# ---- CLV backtest through the service --------------------------------------------------------------
-
-
-async def test_cdnow_backtest_through_the_stream(aapi: httpx.AsyncClient, stack_settings: Settings) -> None:
-    """The CDNOW sample replayed as contract-exact orders: the service's backtest reproduces the published
-    estimates; a population filter on a trait restricts the fit."""
-    from pathlib import Path
-
-    import lifetimes.datasets
-
-    from services.segmenter.domain.clv import parse_cdnow
-
-    transactions = parse_cdnow((Path(lifetimes.datasets.__file__).parent / "CDNOW_sample.txt").read_text()
-                               .splitlines())
-    run = uuid.uuid4().hex[:6]
-    by_customer: dict[str, list[Any]] = {}
-    for t in transactions:
-        by_customer.setdefault(f"cdnow-{run}-{t.customer_id}", []).append(t)
-    async with Inputs(stack_settings) as inputs:
-        sends = []
-        for i, (pid, orders) in enumerate(sorted(by_customer.items())):
-            cohort = "odd" if i % 2 else "even"
-            first = datetime(orders[0].at.year, orders[0].at.month, orders[0].at.day, tzinfo=UTC)
-            doc = profile_document(pid, orders=len(orders), revenue=sum(o.amount for o in orders),
-                                   last_order_at=first, first_order_at=first,
-                                   traits={"cdnow_run": run, "cohort": f"{run}-{cohort}"})
-            sends.append(inputs.changed(profile_changed(doc)))
-            for n, order in enumerate(orders):
-                when = datetime(order.at.year, order.at.month, order.at.day, 12, tzinfo=UTC)
-                sends.append(inputs.resolved(resolved_event(pid, "Order Completed", when, {"total": order.amount},
-                                                            message_id=f"{pid}-{n}")))
-        for chunk in range(0, len(sends), 500):
-            await asyncio.gather(*sends[chunk:chunk + 500])
-
-    request = {"calibration_end": "1997-09-30", "holdout_end": "1998-06-30", "period_days": 7,
-               "population": {"trait": "cdnow_run", "equals": run}, "per_customer_limit": 3}
-
-    async def complete() -> dict[str, Any] | None:
-        resp = await aapi.post("/v1/models/clv/backtest", json=request, timeout=300)
-        if resp.status_code != 200:
-            return None
-        body: dict[str, Any] = resp.json()
-        return body if body["customers"] == 2357 and body["actual_total"] == 1882 else None
-
-    body = await wait_for(complete, timeout_s=240, interval_s=5)
-    published = {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426, "p": 6.25, "q": 3.74, "v": 15.44}
-    for name, value in published.items():
-        assert body["params"][name] == pytest.approx(value, rel=0.01), name
-    assert [p["period"] for p in body["periods"]] == list(range(40, 79))
-    assert len(body["per_customer"]) == 3
-    half = await aapi.post("/v1/models/clv/backtest", timeout=300, json={
-        **request, "population": {"trait": "cohort", "equals": f"{run}-odd"}})
-    assert half.status_code == 200 and half.json()["customers"] == 2357 // 2
-    bad = await aapi.post("/v1/models/clv/backtest", json={**request, "holdout_end": "1997-01-01"})
-    assert bad.status_code == 400 and bad.json()["code"] == "invalid_window"
-
-    # the live refit over every stored customer writes predictions back as Predictions Updated events
-    refit = await aapi.post("/v1/models/clv/refit", timeout=600)
-    assert refit.status_code == 200, refit.text
-    assert refit.json()["customers"] >= 2357 and refit.json()["predictions_written"] >= 2357
-    sample_pid = f"cdnow-{run}-0001"
-    raw = [m for m in await topic_messages(stack_settings, EVENTS_RAW.name)
-           if m.get("event") == "Predictions Updated"
-           and m.get("context", {}).get("loyalist", {}).get("profileId") == sample_pid]
-    assert len(raw) == 1 and raw[0]["source"] == "segmenter"
-    assert {"p_alive", "expected_orders_90d", "predicted_clv_365d", "expected_next_order_at",
-            "model_version"} <= set(raw[0]["properties"])
-    # nothing moved since: a second refit writes nothing for this customer (no feedback loop)
-    again = await aapi.post("/v1/models/clv/refit", timeout=600)
-    assert again.status_code == 200
-    raw = [m for m in await topic_messages(stack_settings, EVENTS_RAW.name)
-           if m.get("event") == "Predictions Updated"
-           and m.get("context", {}).get("loyalist", {}).get("profileId") == sample_pid]
-    assert len(raw) == 1
-
-
 async def test_churn_model_learns_delayed_labels_and_restarts_from_its_checkpoint(
         aapi: httpx.AsyncClient, segmenter: ServiceProcess, stack_settings: Settings) -> None:
     before = (await aapi.get("/v1/models")).json()["churn"]
@@ -612,3 +536,80 @@ async def test_end_to_end_from_ingest_through_profile(api: httpx.Client, aapi: h
         return resp.status_code == 200 and segment in str(resp.json().get("segments"))
 
     await wait_for(on_profile, timeout_s=180)
+
+
+# ---- CLV backtest through the service (last: it leaves thousands of events behind) ----------------
+
+
+@pytest.mark.slow
+async def test_cdnow_backtest_through_the_stream(aapi: httpx.AsyncClient, stack_settings: Settings) -> None:
+    """The CDNOW sample replayed as contract-exact orders: the service's backtest reproduces the published
+    estimates; a population filter on a trait restricts the fit."""
+    from pathlib import Path
+
+    import lifetimes.datasets
+
+    from services.segmenter.domain.clv import parse_cdnow
+
+    transactions = parse_cdnow((Path(lifetimes.datasets.__file__).parent / "CDNOW_sample.txt").read_text()
+                               .splitlines())
+    run = uuid.uuid4().hex[:6]
+    by_customer: dict[str, list[Any]] = {}
+    for t in transactions:
+        by_customer.setdefault(f"cdnow-{run}-{t.customer_id}", []).append(t)
+    async with Inputs(stack_settings) as inputs:
+        sends = []
+        for i, (pid, orders) in enumerate(sorted(by_customer.items())):
+            cohort = "odd" if i % 2 else "even"
+            first = datetime(orders[0].at.year, orders[0].at.month, orders[0].at.day, tzinfo=UTC)
+            doc = profile_document(pid, orders=len(orders), revenue=sum(o.amount for o in orders),
+                                   last_order_at=first, first_order_at=first,
+                                   traits={"cdnow_run": run, "cohort": f"{run}-{cohort}"})
+            sends.append(inputs.changed(profile_changed(doc)))
+            for n, order in enumerate(orders):
+                when = datetime(order.at.year, order.at.month, order.at.day, 12, tzinfo=UTC)
+                sends.append(inputs.resolved(resolved_event(pid, "Order Completed", when, {"total": order.amount},
+                                                            message_id=f"{pid}-{n}")))
+        for chunk in range(0, len(sends), 500):
+            await asyncio.gather(*sends[chunk:chunk + 500])
+
+    request = {"calibration_end": "1997-09-30", "holdout_end": "1998-06-30", "period_days": 7,
+               "population": {"trait": "cdnow_run", "equals": run}, "per_customer_limit": 3}
+
+    async def complete() -> dict[str, Any] | None:
+        resp = await aapi.post("/v1/models/clv/backtest", json=request, timeout=300)
+        if resp.status_code != 200:
+            return None
+        body: dict[str, Any] = resp.json()
+        return body if body["customers"] == 2357 and body["actual_total"] == 1882 else None
+
+    body = await wait_for(complete, timeout_s=240, interval_s=5)
+    published = {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426, "p": 6.25, "q": 3.74, "v": 15.44}
+    for name, value in published.items():
+        assert body["params"][name] == pytest.approx(value, rel=0.01), name
+    assert [p["period"] for p in body["periods"]] == list(range(40, 79))
+    assert len(body["per_customer"]) == 3
+    half = await aapi.post("/v1/models/clv/backtest", timeout=300, json={
+        **request, "population": {"trait": "cohort", "equals": f"{run}-odd"}})
+    assert half.status_code == 200 and half.json()["customers"] == 2357 // 2
+    bad = await aapi.post("/v1/models/clv/backtest", json={**request, "holdout_end": "1997-01-01"})
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_window"
+
+    # the live refit over every stored customer writes predictions back as Predictions Updated events
+    refit = await aapi.post("/v1/models/clv/refit", timeout=600)
+    assert refit.status_code == 200, refit.text
+    assert refit.json()["customers"] >= 2357 and refit.json()["predictions_written"] >= 2357
+    sample_pid = f"cdnow-{run}-0001"
+    raw = [m for m in await topic_messages(stack_settings, EVENTS_RAW.name)
+           if m.get("event") == "Predictions Updated"
+           and m.get("context", {}).get("loyalist", {}).get("profileId") == sample_pid]
+    assert len(raw) == 1 and raw[0]["source"] == "segmenter"
+    assert {"p_alive", "expected_orders_90d", "predicted_clv_365d", "expected_next_order_at",
+            "model_version"} <= set(raw[0]["properties"])
+    # nothing moved since: a second refit writes nothing for this customer (no feedback loop)
+    again = await aapi.post("/v1/models/clv/refit", timeout=600)
+    assert again.status_code == 200
+    raw = [m for m in await topic_messages(stack_settings, EVENTS_RAW.name)
+           if m.get("event") == "Predictions Updated"
+           and m.get("context", {}).get("loyalist", {}).get("profileId") == sample_pid]
+    assert len(raw) == 1
