@@ -93,6 +93,7 @@ class Report:
     faults: list[Fault] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     resends: int = 0
+    drained: bool = True  # every consumer group caught up before the checks
 
     @property
     def lost(self) -> int:
@@ -107,8 +108,9 @@ class Report:
             f"acknowledged events     {self.acknowledged} ({self.acknowledged_orders} orders, {self.resends} resends)",
             f"in events.raw           {self.in_log} distinct  (lost {self.lost_from_log}, "
             f"duplicate records {self.log_duplicates}: resends deduplicated downstream)",
-            f"in the event store      {_n(self.stored)}  (lost {_n(self.lost_from_store)}, "
-            f"duplicates {_n(self.stored_duplicates)})",
+            f"in the event store      {_n(self.stored)}  (missing {_n(self.lost_from_store)}, "
+            f"duplicates {_n(self.stored_duplicates)})"
+            + ("" if self.drained else "  <- processors still behind: missing is not yet stored, or lost"),
             f"profiles checked        {self.profiles_checked}  (wrong counts {len(self.profile_mismatches)}, "
             f"differ from replay {len(self.replay_mismatches)})",
             f"messages requested      {_n(self.messages_requested)}  (sent twice {_n(self.messages_duplicated)}, "
@@ -310,6 +312,7 @@ class ChaosRun:
             await asyncio.wait_for(runner, 120)
         self.report.resends = load.resends
         if not await wait_drained(self.fleet.settings, self.settle_s):
+            self.report.drained = False
             self.report.notes.append(f"consumer groups still behind {self.settle_s:.0f}s after the load stopped")
         await self.verify(load)
         return self.report
