@@ -162,7 +162,7 @@ def test_schemathesis_finds_no_server_error(name: str, start_service: Callable[.
             else ["--header", f"Authorization: Bearer {stack_settings.dev_api_token}"])
     proc = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", f"{svc.url}/openapi.json", "--checks", "not_a_server_error",
-         "--max-examples", "15", "--max-time", "25", "--phases", "examples,fuzzing", "--seed", "1",
+         "--max-examples", "10", "--max-time", "15", "--phases", "examples,fuzzing", "--seed", "1",
          "--request-timeout", "20", "--no-color", "--suppress-health-check", "all", *auth],
         cwd=REPO, capture_output=True, text=True, timeout=240,
     )
