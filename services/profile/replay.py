@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from cassandra.cluster import Session
+from cassandra.cluster import Cluster, NoHostAvailable, Session
 from tqdm import tqdm
 
 from loyalist.cassandra import connect, migrate
@@ -35,6 +35,19 @@ log = logging.getLogger("services.profile.replay")
 # Tables rebuilt by a replay (erasure tombstones and segment memberships are kept).
 DERIVED_TABLES = ("profile_events", "profile_event_index", "identities", "profile_identities", "profiles",
                   "profile_merges")
+
+
+async def connect_with_retries(settings: Settings, attempts: int = 5) -> tuple[Cluster, Session]:
+    """Connect to Cassandra, retrying: a busy node can time out a first control connection."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await asyncio.to_thread(connect, settings, keyspace=settings.keyspace)
+        except NoHostAvailable:
+            if attempt == attempts:
+                raise
+            log.warning("Cassandra did not answer (attempt %d/%d); retrying", attempt, attempts)
+            await asyncio.sleep(2 * attempt)
+    raise AssertionError("unreachable")
 
 
 async def kafka_batches(settings: Settings, batch_size: int, progress: tqdm) -> AsyncIterator[list[bytes]]:
@@ -111,8 +124,8 @@ async def replay(source: Settings, target: Settings, *, source_kind: str, in_pla
     await asyncio.to_thread(migrate, target)
     if emit:
         await ensure_topics(target)
-    source_cluster, source_session = await asyncio.to_thread(connect, source, keyspace=source.keyspace)
-    target_cluster, target_session = await asyncio.to_thread(connect, target, keyspace=target.keyspace)
+    source_cluster, source_session = await connect_with_retries(source)
+    target_cluster, target_session = await connect_with_retries(target)
     redis = make_redis(target)
     producer = make_producer(target, client_id="profile-replay") if emit else None
     if producer is not None:
