@@ -121,7 +121,8 @@ async def wipe(settings: Settings, session: Session) -> None:
 async def replay(source: Settings, target: Settings, *, source_kind: str, in_place: bool, emit: bool,
                  batch_size: int = 500, quiet: bool = False) -> dict[str, float]:
     """Rebuild ``target``'s profiles from ``source``'s log or event store. Returns counts and the rate."""
-    await asyncio.to_thread(migrate, target)
+    if not in_place:  # a live namespace is migrated already
+        await asyncio.to_thread(migrate, target)
     if emit:
         await ensure_topics(target)
     source_cluster, source_session = await connect_with_retries(source)
