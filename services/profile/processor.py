@@ -453,12 +453,15 @@ class Folder:
             await self.store.save(pid, item.state, document, None, now)
 
     async def _commit(self, pending: _Pending) -> None:
+        # Emits, then the hot copy and snapshots together, and the dedup index last: an event is only
+        # marked processed once its profile snapshot includes it (a late event sorts before the snapshot's
+        # last event, so a restart could not fold it from the store otherwise).
         await self.emitter.flush()
-        if self.hot is not None and pending.documents:
-            await self.hot.write(pending.documents, {})
         now = self.clock()
-        await gather_limited(self.store.save(pid, self.cache[pid].state, self.cache[pid].document, None, now)
-                             for pid in pending.snapshots)
+        await asyncio.gather(
+            self.hot.write(pending.documents, {}) if self.hot is not None else asyncio.sleep(0),
+            gather_limited(self.store.save(pid, self.cache[pid].state, self.cache[pid].document, None, now)
+                           for pid in pending.snapshots))
         await self.store.write_index(pending.stored)
 
     # ---- merges ------------------------------------------------------------------------------------
