@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from cassandra.cluster import NoHostAvailable
 
 from loyalist.cassandra import connect
 from loyalist.settings import Settings
@@ -76,8 +77,19 @@ def test_a_second_worker_takes_over_when_the_first_dies(stack_settings: Settings
         profile_service.start()
 
 
+def _connect(settings: Settings) -> tuple[Any, Any]:
+    for attempt in range(5):  # the shared node can time out a control connection when it is busy
+        try:
+            return connect(settings, keyspace=settings.keyspace)
+        except NoHostAvailable:
+            if attempt == 4:
+                raise
+            time.sleep(2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def _profiles(settings: Settings) -> dict[str, dict[str, Any]]:
-    cluster, session = connect(settings, keyspace=settings.keyspace)
+    cluster, session = _connect(settings)
     try:
         out = {}
         for row in session.execute("SELECT profile_id, document, merged_into FROM profiles"):
