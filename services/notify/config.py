@@ -68,6 +68,7 @@ class NotifyConfig(BaseSettings):
     # Test-only fault injection: die with SIGKILL at a named point (see services/notify/faults.py).
     crash_point: str | None = None
     crash_probability: float = 1.0
+    crash_every: int | None = None
 
     def owner_prefix(self, port: int) -> str:
         return self.instance_id or f"notify-{socket.gethostname()}-{port}"

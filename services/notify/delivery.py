@@ -120,7 +120,7 @@ class Notifier:
         self.templates = TemplateCache(store)
         self.policy: PolicyConfig = config.policy()
         self.retry = config.retry_plan()
-        self.crash = CrashInjector(config.crash_point, config.crash_probability)
+        self.crash = CrashInjector(config.crash_point, config.crash_probability, config.crash_every)
         self._cap_horizon = max((c.window for c in self.policy.caps), default=timedelta(0))
 
     # ---- entry point -----------------------------------------------------------------------------------

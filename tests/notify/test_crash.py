@@ -81,8 +81,9 @@ def test_kill9_between_send_and_commit_never_duplicates_nor_loses(
     run_tag, emails, requests = _batch(stack_settings, n, point.replace("_", ""))
     produce_requests(stack_settings, *requests)
     # One message in flight at a time, so a crash lands exactly at the named point of one message.
+    # Every process incarnation dies at its 5th pass through the point: several kills, guaranteed progress.
     svc = launch_notify(stack_settings, f"crash-{point}", LOYALIST_NOTIFY_CRASH_POINT=point,
-                        LOYALIST_NOTIFY_CRASH_PROBABILITY="0.25", LOYALIST_NOTIFY_CONCURRENCY="1",
+                        LOYALIST_NOTIFY_CRASH_EVERY="5", LOYALIST_NOTIFY_CONCURRENCY="1",
                         LOYALIST_NOTIFY_BATCH_SIZE="10")
     try:
         crashes, rows = _drive(stack_settings, api_headers, svc, run_tag, emails,
@@ -91,7 +92,7 @@ def test_kill9_between_send_and_commit_never_duplicates_nor_loses(
         counts = _sink_counts(stack_settings, emails)
     finally:
         svc.kill(hard=False)
-    assert crashes >= 2, f"only {crashes} crashes: the test did not exercise the crash point"
+    assert crashes >= 3, f"only {crashes} crashes: the test did not exercise the crash point"
     missing = [e for e in emails if counts[e] == 0]
     duplicated = {e: c for e, c in counts.items() if c > 1}
     assert not missing, f"lost: {missing}"
@@ -112,7 +113,7 @@ def test_kill9_in_the_residual_window_is_visible_and_never_loses(
     run_tag, emails, requests = _batch(stack_settings, n, "window")
     produce_requests(stack_settings, *requests)
     svc = launch_notify(stack_settings, "crash-window", LOYALIST_NOTIFY_CRASH_POINT="after_send",
-                        LOYALIST_NOTIFY_CRASH_PROBABILITY="0.25", LOYALIST_NOTIFY_CONCURRENCY="1",
+                        LOYALIST_NOTIFY_CRASH_EVERY="4", LOYALIST_NOTIFY_CONCURRENCY="1",
                         LOYALIST_NOTIFY_BATCH_SIZE="4")
     try:
         crashes, rows = _drive(stack_settings, api_headers, svc, run_tag, emails,
@@ -121,7 +122,7 @@ def test_kill9_in_the_residual_window_is_visible_and_never_loses(
         counts = _sink_counts(stack_settings, emails)
     finally:
         svc.kill(hard=False)
-    assert crashes >= 1
+    assert crashes >= 2
     assert all(counts[e] >= 1 for e in emails), "lost a message"
     by_email = {r["recipient"]: r for r in rows}
     for email, count in counts.items():
