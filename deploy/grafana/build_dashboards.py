@@ -273,6 +273,8 @@ def journeys() -> dict[str, Any]:
         Panel("Instances by journey and state", [("sum by (journey, state) (loyalist_journey_instances)",
                                                   "{{journey}} {{state}}")],
               "Where the customers are, per journey.", "short"),
+        Panel("Exits by reason", [(rate("loyalist_journey_exits_total", "reason"), "{{reason}}")],
+              "Instances ended: completed, converted, exit rules.", "ops", stack=True),
     ])
 
 
