@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES_PER_OPERATION = 30
+EXAMPLES_PER_OPERATION = int(__import__("os").environ.get("INGEST_FUZZ_EXAMPLES", "30"))
 
 
 def _exercise(operation: Any, base_url: str, auth: str) -> None:

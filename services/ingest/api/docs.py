@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.ingest.domain.tracking import NON_BLANK_PATTERN
+
 
 class TrackingResponse(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -59,7 +61,7 @@ COMMON_PROPERTIES: dict[str, Any] = {
     "writeKey": {"type": "string", "description": "alternative to HTTP Basic authentication"},
 }
 # Blank strings count as absent, so "present" means a non-blank string or a number.
-_PRESENT_ID = {"type": ["string", "number"], "pattern": r"\S", "maxLength": 200}
+_PRESENT_ID = {"type": ["string", "number"], "pattern": NON_BLANK_PATTERN, "maxLength": 200}
 _IDENTITY = {"anyOf": [{"required": ["userId"], "properties": {"userId": _PRESENT_ID}},
                        {"required": ["anonymousId"], "properties": {"anonymousId": _PRESENT_ID}}]}
 
@@ -80,7 +82,7 @@ def _call(kind: str, extra: dict[str, Any], required: list[str], description: st
 CALL_SCHEMAS: dict[str, dict[str, Any]] = {
     "identify": _call("identify", {"traits": {**_OBJ, "description": "email, phone, name, address ..."}}, [],
                       "Who the customer is"),
-    "track": _call("track", {"event": {"type": "string", "minLength": 1, "pattern": r"\S"},
+    "track": _call("track", {"event": {"type": "string", "minLength": 1, "pattern": NON_BLANK_PATTERN},
                              "properties": _OBJ}, ["event"],
                    "An action; canonical e-commerce names (Order Completed ...) are checked against their schema"),
     "page": _call("page", {"name": {"type": ["string", "null"]}, "category": {"type": ["string", "null"]},

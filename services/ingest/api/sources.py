@@ -23,7 +23,7 @@ _WEBHOOK_PATHS = {"shopify": "/v1/webhooks/shopify", "woocommerce": "/v1/webhook
 
 class SourceIn(BaseModel):
     platform: Platform
-    shop: str = Field(min_length=1, max_length=200, pattern=r"^\S+$",
+    shop: str = Field(min_length=1, max_length=200, pattern=r"^[!-~]+$",
                       description="Shopify: the myshopify.com domain; WooCommerce: the site URL; Zendesk: a name")
     secret: str | None = Field(default=None, min_length=8, max_length=500,
                                description="the platform's webhook signing secret; generated when absent")

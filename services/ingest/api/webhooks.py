@@ -22,7 +22,7 @@ from services.ingest.api.tracking import ingestor
 from services.ingest.domain.commerce import verify_hmac_base64
 from services.ingest.domain.shopify import map_shopify
 from services.ingest.domain.support import map_support, map_zendesk, verify_zendesk
-from services.ingest.domain.tracking import MessageRejected
+from services.ingest.domain.tracking import NON_BLANK_PATTERN, MessageRejected
 from services.ingest.domain.woocommerce import map_woocommerce
 from services.ingest.metrics import WEBHOOKS
 from services.ingest.pipeline import Ingestor
@@ -184,12 +184,13 @@ async def zendesk_webhook(request: Request, account: str = Path(max_length=200))
                           delivery_id=None)
 
 
-_PRESENT = {"type": "string", "pattern": r"\S", "maxLength": 190}
+_PRESENT = {"type": "string", "pattern": NON_BLANK_PATTERN, "maxLength": 190}
 SUPPORT_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["type", "id"],
     "properties": {
         "type": {"enum": ["ticket.opened", "ticket.updated", "ticket.solved", "satisfaction.rated", "nps.responded"]},
-        "id": {"type": "string", "pattern": r"\S", "maxLength": 150, "description": "unique per fact (deduplication)"},
+        "id": {"type": "string", "pattern": NON_BLANK_PATTERN, "maxLength": 150,
+               "description": "unique per fact (deduplication)"},
         "userId": {"type": "string", "maxLength": 190}, "email": {"type": "string", "maxLength": 190},
         "anonymousId": {"type": "string", "maxLength": 190},
         "timestamp": {"type": "string", "format": "date-time", "pattern": "^[12][0-9]{3}-"},
@@ -210,7 +211,7 @@ SUPPORT_BODY = {"requestBody": {"required": True, "content": {"application/json"
         {"if": {"properties": {"type": {"const": "satisfaction.rated"}}}, "then": {"required": ["rating"]}},
         {"if": {"properties": {"type": {"enum": ["ticket.opened", "ticket.updated", "ticket.solved"]}}},
          "then": {"required": ["ticket"], "properties": {"ticket": {
-             "required": ["id"], "properties": {"id": {"type": "string", "pattern": r"\S"}}}}}},
+             "required": ["id"], "properties": {"id": {"type": "string", "pattern": NON_BLANK_PATTERN}}}}}},
     ],
 }}}}}
 

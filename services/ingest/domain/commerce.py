@@ -20,7 +20,7 @@ import hmac
 from datetime import datetime
 from typing import Any
 
-from services.ingest.domain.tracking import MessageRejected, parse_timestamp
+from services.ingest.domain.tracking import BLANK_CHARS, MessageRejected, parse_timestamp
 
 
 class SignatureInvalid(Exception):
@@ -56,7 +56,7 @@ def obj(value: Any) -> dict[str, Any]:
 def text(value: Any) -> str | None:
     if value is None:
         return None
-    result = str(value).strip()
+    result = str(value).strip(BLANK_CHARS)
     return result or None
 
 

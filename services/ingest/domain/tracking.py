@@ -43,6 +43,12 @@ _KNOWN_FIELDS = frozenset({
     "category", "channel", "version", "source", "schemaVersion",
 })
 MAX_ID_LENGTH = 200
+# What counts as blank: the union of Python's and ECMAScript's whitespace, so that the OpenAPI pattern
+# NON_BLANK_PATTERN (evaluated with JavaScript regex semantics by clients and validators) and the server's
+# stripping agree on every string.
+BLANK_CHARS = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + (
+    "\u2028\u2029\u202f\u205f\u3000\ufeff")
+NON_BLANK_PATTERN = "[^\t-\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
 _LEAP_SECOND = re.compile(r"T\d\d:\d\d:60")
 
 
@@ -103,7 +109,7 @@ def _as_id(value: Any, field: str) -> str | None:
         value = str(value)
     if not isinstance(value, str):
         raise MessageRejected("invalid_field", f"{field} must be a string")
-    value = value.strip()
+    value = value.strip(BLANK_CHARS)
     if not value:
         return None
     if len(value) > MAX_ID_LENGTH:
@@ -191,8 +197,8 @@ def normalize_message(
             continue
         if not isinstance(value, str):
             raise MessageRejected("invalid_field", f"{field} must be a string")
-        if value.strip():
-            doc[field] = value.strip()
+        if value.strip(BLANK_CHARS):
+            doc[field] = value.strip(BLANK_CHARS)
 
     if kind == "track" and "event" not in doc:
         raise MessageRejected("missing_event", "a track call needs an event name")
