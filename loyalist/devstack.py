@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 LOCAL = REPO / "deploy" / "local"
 
 INFRA = ("kafka", "cassandra", "redis", "prometheus", "smtp")
-ALL = (*INFRA, *SERVICE_NAMES)
+EXPORTERS = ("lag",)
+ALL = (*INFRA, *SERVICE_NAMES, *EXPORTERS)
 
 
 class StackError(RuntimeError):
@@ -148,6 +149,11 @@ class Stack:
         for name in SERVICE_NAMES:
             port = s.service_port(name)
             comps.append(Component(name, port, self._service_cmd(name), self._service_ready(port), 90))
+        lag_port = s.lag_exporter_port
+        comps.append(Component(
+            "lag", lag_port, lambda: [py, "-m", "loyalist.checks.lag", "--port", str(lag_port)],
+            lambda: self._http_ready(lag_port, "/metrics"), 30,
+        ))
         return comps
 
     @staticmethod
@@ -252,6 +258,7 @@ class Stack:
         for svc in SERVICE_NAMES:
             default = Settings.model_fields[f"{svc}_port"].default
             text = text.replace(f"127.0.0.1:{default}", f"127.0.0.1:{self.s.service_port(svc)}")
+        text = text.replace("127.0.0.1:8009", f"127.0.0.1:{self.s.lag_exporter_port}")
         (conf_dir / "prometheus.yml").write_text(text)
         rules = REPO / "deploy" / "prometheus" / "rules"
         if rules.exists():
@@ -324,7 +331,8 @@ class Stack:
     def up(self, names: Sequence[str], *, bootstrap_namespace: bool = True) -> float:
         """Start infra first (the JVMs in parallel), bootstrap topics and keyspace, then the services."""
         t0 = time.monotonic()
-        waves = [[n for n in names if n in INFRA], [n for n in names if n in SERVICE_NAMES]]
+        waves = [[n for n in names if n in INFRA], [n for n in names if n in SERVICE_NAMES],
+                 [n for n in names if n in EXPORTERS]]
         for wave in waves:
             for name in wave:
                 self.say(f"{name:<11} {self.start(name)}")

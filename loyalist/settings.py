@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     segmenter_port: int = 8003
     journeys_port: int = 8004
     notify_port: int = 8005
+    # Consumer-lag exporter (loyalist.checks.lag), scraped by Prometheus.
+    lag_exporter_port: int = 8009
 
     # Base URLs other services use to reach each other (defaults follow the ports above).
     ingest_url: str | None = None
