@@ -16,7 +16,8 @@
   var cfg = { writeKey: "", apiHost: "", path: "/v1/batch", flushAt: 20, flushInterval: 2000, maxQueue: 1000,
               requireConsent: false, cookieDomain: "", cookieDays: 365 };
   var held = [];          // calls made before consent: memory only, nothing stored or sent
-  var timer = null, inFlight = false, failures = 0, retryAt = 0;
+  var timer = null, inFlight = false, inFlightIds = [], failures = 0, retryAt = 0;
+  var BEACON_GRACE_MS = 10000;  // a beaconed call is not re-sent by fetch before this (it is likely delivered)
 
   // ---- storage: localStorage with a cookie copy of the anonymous id ------------------------------------
   function lsGet(k) { try { return w.localStorage.getItem(PREFIX + k); } catch (e) { return null; } }
@@ -110,18 +111,20 @@
     var q = json("queue", []);
     if (!q.length) return Promise.resolve(true);
     if (navigator.onLine === false) { return Promise.resolve(false); }  // the "online" listener resumes
-    var batch = [], size = 0;
+    var batch = [], size = 0, now = Date.now(), later = false;
     for (var i = 0; i < q.length && batch.length < 100; i++) {
+      if (q[i]._beaconed && now - q[i]._beaconed < BEACON_GRACE_MS) { later = true; continue; }
       size += JSON.stringify(q[i]).length;
       if (size > 400000) break;
       batch.push(q[i]);
     }
+    if (!batch.length) { if (later) schedule(BEACON_GRACE_MS); return Promise.resolve(false); }
     var ids = batch.map(function (m) { return m.messageId; });
-    inFlight = true;
+    inFlight = true; inFlightIds = ids;
     return fetch(endpoint(), { method: "POST", body: body(batch), keepalive: size < 60000,
                                headers: { "Content-Type": "text/plain" }, credentials: "omit" })
       .then(function (res) {
-        inFlight = false;
+        inFlight = false; inFlightIds = [];
         if (res.status === 429 || res.status >= 500) {
           backoff(parseInt(res.headers.get("Retry-After") || "0", 10));
           return false;
@@ -131,7 +134,7 @@
         acknowledge(ids);
         if (json("queue", []).length) schedule(0);
         return true;
-      }, function () { inFlight = false; backoff(0); return false; });
+      }, function () { inFlight = false; inFlightIds = []; backoff(0); return false; });
   }
 
   function beacon() {
@@ -139,10 +142,12 @@
     // acknowledged on a later page; the duplicate is harmless (same messageId).
     var q = json("queue", []);
     if (!q.length || !cfg.writeKey || !navigator.sendBeacon || !consented()) return;
-    var fresh = q.filter(function (m) { return !m._beaconed; }).slice(0, 100);
+    // Calls in an unfinished fetch are left to it (a keepalive fetch outlives the page).
+    var fresh = q.filter(function (m) { return !m._beaconed && inFlightIds.indexOf(m.messageId) < 0; }).slice(0, 100);
     if (!fresh.length) return;
     if (navigator.sendBeacon(endpoint(), new Blob([body(fresh)], { type: "text/plain" }))) {
-      fresh.forEach(function (m) { m._beaconed = true; });
+      var at = Date.now();
+      fresh.forEach(function (m) { m._beaconed = at; });
       lsSet("queue", JSON.stringify(q));
     }
   }

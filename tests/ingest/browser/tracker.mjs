@@ -25,7 +25,7 @@ async function withBrowser(fn) {
   }
 }
 
-async function drained(page, timeoutMs = 15000) {
+async function drained(page, timeoutMs = 40000) {
   await page.evaluate(() => loyalist.flush());
   await page.waitForFunction(() => window.loyalist && loyalist.queued() === 0, null, { timeout: timeoutMs });
 }
