@@ -173,7 +173,9 @@ def journeys_router() -> APIRouter:
 
     @router.get("/{journey_id}/instances", dependencies=[READ],
                 summary="A customer's instances of this journey, with their history")
-    async def instances(request: Request, journey_id: str, profile_id: str = Query(...)) -> dict[str, Any]:
+    async def instances(
+        request: Request, journey_id: str, profile_id: str = Query(..., min_length=1, max_length=200)
+    ) -> dict[str, Any]:
         found = await _instances(request).for_profile(profile_id, journey_id)
         return {"instances": [instance_to_doc(i) for i in sorted(found, key=lambda i: i.entered_at)]}
 
