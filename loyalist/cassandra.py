@@ -58,18 +58,23 @@ def connect(settings: Settings, *, keyspace: str | None = None) -> tuple[Cluster
 
 
 async def execute(session: Session, statement: Any, params: Sequence[Any] | dict[str, Any] | None = None) -> list[Any]:
-    """Run a statement without blocking the event loop; returns all rows of the first page set."""
+    """Run a statement without blocking the event loop; returns every row (none for a plain write)."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[list[Any]] = loop.create_future()
     rf: ResponseFuture = session.execute_async(statement, params)
     rows: list[Any] = []
 
-    def on_page(page: list[Any]) -> None:
-        rows.extend(page or ())
-        if rf.has_more_pages:
-            rf.start_fetching_next_page()
-        else:
-            loop.call_soon_threadsafe(_settle, fut, rows, None)
+    def on_page(page: list[Any] | None) -> None:
+        # Writes have no rows page: the driver hands the callback None.
+        try:
+            rows.extend(page or ())
+            if rf.has_more_pages:
+                rf.start_fetching_next_page()
+                return
+        except BaseException as exc:  # never leave the awaiting coroutine hanging
+            loop.call_soon_threadsafe(_settle, fut, None, exc)
+            return
+        loop.call_soon_threadsafe(_settle, fut, rows, None)
 
     def on_error(exc: BaseException) -> None:
         loop.call_soon_threadsafe(_settle, fut, None, exc)

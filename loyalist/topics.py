@@ -6,7 +6,7 @@ tracking call named it, every later topic by the canonical profile id, so one cu
 one partition and in order.
 
 >>> [t.name for t in TOPICS][:3]
-['events.raw', 'events.resolved', 'profile.changed']
+['events.raw', 'events.resolved', 'profile.fold']
 >>> TOPIC_BY_NAME["profile.snapshots"].compacted
 True
 """
@@ -47,6 +47,11 @@ EVENTS_RESOLVED = Topic(
     "Events after identity resolution, re-keyed by canonical profile id; merges appear here as events too.",
     key="profile id",
     retention_ms=365 * DAY_MS,
+)
+PROFILE_FOLD = Topic(
+    "profile.fold",
+    "Internal to the profile service: resolved events and merge/erase/segment operations by profile id.",
+    key="profile id",
 )
 PROFILE_CHANGED = Topic(
     "profile.changed",
@@ -89,6 +94,7 @@ LOYALTY_COMMANDS = Topic(
 TOPICS: tuple[Topic, ...] = (
     EVENTS_RAW,
     EVENTS_RESOLVED,
+    PROFILE_FOLD,
     PROFILE_CHANGED,
     PROFILE_SNAPSHOTS,
     SEGMENT_MEMBERSHIP,

@@ -15,10 +15,10 @@ from typing import Any
 import orjson
 from cassandra.cluster import Session
 
+from loyalist.cassandra import execute
 from loyalist.events import decode_event
 from services.journeys.domain.backtest import HistoricalFact
 from services.journeys.runner import _event_trigger
-from services.journeys.store import execute
 
 log = logging.getLogger(__name__)
 

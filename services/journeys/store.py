@@ -13,43 +13,13 @@ from aiokafka.partitioner import murmur2
 from cassandra.cluster import Session
 from cassandra.query import BatchStatement, BatchType
 
+from loyalist.cassandra import execute
 from services.journeys.domain.codec import instance_from_doc, instance_to_doc
 from services.journeys.domain.engine import Instance, stable_bucket
 
 INSTANCE_BUCKETS = 16
 
 
-async def execute(session: Session, statement: Any, params: Sequence[Any] | None = None) -> list[Any]:
-    """Run a statement without blocking the event loop; all rows (none for writes).
-
-    ``loyalist.cassandra.execute`` fails on statements without a result set (the driver hands its page
-    callback ``None``), so the journeys adapters use this bridge.
-    """
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[list[Any]] = loop.create_future()
-    response = session.execute_async(statement, params)
-    rows: list[Any] = []
-
-    def settle(value: list[Any] | None, exc: BaseException | None) -> None:
-        if fut.done():
-            return
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(value or [])
-
-    def on_page(page: list[Any] | None) -> None:
-        rows.extend(page or ())
-        if response.has_more_pages:
-            response.start_fetching_next_page()
-        else:
-            loop.call_soon_threadsafe(settle, rows, None)
-
-    def on_error(exc: BaseException) -> None:
-        loop.call_soon_threadsafe(settle, None, exc)
-
-    response.add_callbacks(on_page, on_error)
-    return await fut
 
 
 def shard_of(profile_id: str, partitions: int) -> int:

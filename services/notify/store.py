@@ -3,15 +3,14 @@ suppressions, the schedule of deferred sends and retries, and templates."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cassandra.cluster import Session
 
+from loyalist.cassandra import execute
 from services.notify.domain.messages import ConsentRow, MessageRequest, iso
 from services.notify.domain.policy import SentRecord
 from services.notify.domain.templates import Template
@@ -19,34 +18,6 @@ from services.notify.domain.templates import Template
 SCHEDULE_SHARD = 0
 
 
-async def execute(session: Session, statement: Any, params: Sequence[Any] | None = None) -> list[Any]:
-    """Like ``loyalist.cassandra.execute`` but also for statements without a result set (plain INSERT,
-    UPDATE, DELETE), whose callback receives ``None`` — the shared helper's future never settles then."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[list[Any]] = loop.create_future()
-    response = session.execute_async(statement, params)
-    rows: list[Any] = []
-
-    def settle(value: list[Any] | None, exc: BaseException | None) -> None:
-        if fut.done():
-            return
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(value or [])
-
-    def on_page(page: list[Any] | None) -> None:
-        rows.extend(page or ())
-        if response.has_more_pages:
-            response.start_fetching_next_page()
-        else:
-            loop.call_soon_threadsafe(settle, rows, None)
-
-    def on_error(exc: BaseException) -> None:
-        loop.call_soon_threadsafe(settle, None, exc)
-
-    response.add_callbacks(on_page, on_error)
-    return await fut
 _LOG_COLUMNS = (
     "idempotency_key, message_id, profile_id, user_id, channel, category, template_id, recipient, subject, "
     "status, reason, detail, attempts, owner, lease_until, due_at, request, provider_id, ambiguous, "

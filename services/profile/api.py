@@ -17,9 +17,10 @@ from fastapi.responses import ORJSONResponse, Response
 from loyalist.auth import require_scope
 from loyalist.events import utcnow
 from loyalist.http import ERROR_RESPONSES, ApiError
+from loyalist.topics import PROFILE_FOLD
 from services.profile.domain.identity import Identifier, normalize_email, normalize_phone, subject_hash
 from services.profile.domain.profile import fold_all, iso, render, to_ms, with_observation_day
-from services.profile.processor import PROFILE_FOLD, fold_message
+from services.profile.processor import fold_message
 from services.profile.store import HotProfiles, ProfileStore, dt_to_ms
 from services.profile.streams import Runtime
 

@@ -14,9 +14,10 @@ from loyalist.http import create_service_app
 from loyalist.kafka import ensure_topics
 from loyalist.service import Resources
 from loyalist.settings import Settings
+from loyalist.topics import PROFILE_FOLD
 from services.profile.api import profiles_router
 from services.profile.loyalty import install as install_loyalty
-from services.profile.processor import PROFILE_FOLD, Emitter, Folder, Resolver, Tombstones
+from services.profile.processor import Emitter, Folder, Resolver, Tombstones
 from services.profile.store import HotProfiles, ProfileStore
 from services.profile.streams import Runtime, build_stream_app
 

@@ -56,12 +56,6 @@ from services.profile.store import HotProfiles, ProfileStore, StoredEvent, gathe
 
 log = logging.getLogger(__name__)
 
-# The internal hand-over between the two stages, keyed by profile id.
-PROFILE_FOLD = Topic(
-    "profile.fold",
-    "Internal to the profile service: resolved events and merge/erase/segment operations by profile id.",
-    key="profile id",
-)
 
 Clock = Callable[[], datetime]
 Op = dict[str, Any]

@@ -22,13 +22,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from cassandra.cluster import Cluster, NoHostAvailable, Session
 from tqdm import tqdm
 
-from loyalist.cassandra import connect, migrate
+from loyalist.cassandra import connect, execute, migrate
 from loyalist.kafka import ensure_topics, make_producer
 from loyalist.redis import make_redis
 from loyalist.settings import Settings
 from loyalist.topics import EVENTS_RAW
 from services.profile.processor import Emitter, Folder, Resolver, Tombstones
-from services.profile.store import HotProfiles, ProfileStore, execute
+from services.profile.store import HotProfiles, ProfileStore
 
 log = logging.getLogger("services.profile.replay")
 

@@ -18,6 +18,7 @@ from cassandra.cluster import Session
 from cassandra.query import BatchStatement, BatchType
 from redis.asyncio import Redis
 
+from loyalist.cassandra import execute
 from loyalist.events import Event, decode_event
 from loyalist.metrics import STORE_CALLS
 from loyalist.settings import Settings
@@ -38,38 +39,6 @@ def dt_to_ms(value: datetime) -> int:
     return int(value.timestamp() * 1000)
 
 
-async def execute(session: Session, statement: Any, params: Any = None) -> list[Any]:
-    """Run a statement without blocking the event loop and return all its rows.
-
-    Like ``loyalist.cassandra.execute`` but also for statements without a result set (writes), whose
-    page the driver reports as ``None``.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[list[Any]] = loop.create_future()
-    response = session.execute_async(statement, params)
-    rows: list[Any] = []
-
-    def settle(value: list[Any] | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value or [])
-
-    def on_page(page: list[Any] | None) -> None:
-        if page:
-            rows.extend(page)
-        if response.has_more_pages:
-            response.start_fetching_next_page()
-        else:
-            loop.call_soon_threadsafe(settle, rows, None)
-
-    def on_error(error: BaseException) -> None:
-        loop.call_soon_threadsafe(settle, None, error)
-
-    response.add_callbacks(on_page, on_error)
-    return await future
 
 
 async def gather_limited(coros: Iterable[Awaitable[T]], limit: int = 256) -> list[T]:

@@ -16,9 +16,9 @@ import faust
 
 from loyalist.service import make_stream_app
 from loyalist.settings import Settings
-from loyalist.topics import EVENTS_RAW, SEGMENT_MEMBERSHIP
+from loyalist.topics import EVENTS_RAW, PROFILE_FOLD, SEGMENT_MEMBERSHIP
 from services.profile import metrics
-from services.profile.processor import PROFILE_FOLD, Folder, Resolver, Tombstones, retry_forever, segment_message
+from services.profile.processor import Folder, Resolver, Tombstones, retry_forever, segment_message
 
 BATCH_SIZE = 500
 BATCH_WITHIN_S = 0.05

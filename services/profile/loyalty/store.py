@@ -9,59 +9,24 @@ redemptions from several API replicas.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
-from cassandra.cluster import ResponseFuture, Session
+from cassandra.cluster import Session
 from cassandra.query import BatchStatement, BatchType
 
+from loyalist.cassandra import execute
 from services.profile.loyalty.domain import Ledger, LedgerEvent, Program, ProgramDefinition
 from services.profile.loyalty.domain.ledger import event_from_dict, event_to_dict, ledger_from_dict, ledger_to_dict
 
 PROGRAM_ID = "default"
 
 
-async def execute(session: Session, statement: Any, params: Sequence[Any] | None = None) -> list[Any]:
-    """Run a statement without blocking the event loop; all rows (none for a plain write).
-
-    Like ``loyalist.cassandra.execute``, but also settles for statements whose result has no rows page
-    (plain INSERT/UPDATE/DELETE), which the core helper does not handle yet.
-    """
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[list[Any]] = loop.create_future()
-    response: ResponseFuture = session.execute_async(statement, params)
-    rows: list[Any] = []
-
-    def settle(value: list[Any] | None, exc: BaseException | None) -> None:
-        if fut.done():
-            return
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(value or [])
-
-    def on_page(page: list[Any] | None) -> None:
-        try:
-            rows.extend(page or [])
-            if response.has_more_pages:
-                response.start_fetching_next_page()
-                return
-        except BaseException as exc:  # never leave the awaiting coroutine hanging
-            loop.call_soon_threadsafe(settle, None, exc)
-            return
-        loop.call_soon_threadsafe(settle, rows, None)
-
-    def on_error(exc: BaseException) -> None:
-        loop.call_soon_threadsafe(settle, None, exc)
-
-    response.add_callbacks(on_page, on_error)
-    return await fut
 
 
 @dataclass(frozen=True, slots=True)
