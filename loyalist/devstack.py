@@ -148,13 +148,22 @@ class Stack:
         ]
         for name in SERVICE_NAMES:
             port = s.service_port(name)
-            comps.append(Component(name, port, self._service_cmd(name), self._service_ready(port), 90))
+            comps.append(Component(name, port, self._service_cmd(name), self._service_ready(port), 90,
+                                   env=self._service_env(name)))
         lag_port = s.lag_exporter_port
         comps.append(Component(
             "lag", lag_port, lambda: [py, "-m", "loyalist.checks.lag", "--port", str(lag_port)],
             lambda: self._http_ready(lag_port, "/metrics"), 30,
         ))
         return comps
+
+    @staticmethod
+    def _service_env(name: str) -> dict[str, str]:
+        # The local stack runs the shipped example loyalty program so the demo has a ledger to show.
+        if name == "profile":
+            key = "LOYALIST_LOYALTY_BOOTSTRAP_PROGRAM"
+            return {key: os.environ.get(key, "example")}
+        return {}
 
     @staticmethod
     def _service_cmd(name: str) -> Callable[[], list[str]]:
