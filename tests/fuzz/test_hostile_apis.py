@@ -61,8 +61,8 @@ def test_template_injection_is_refused_or_inert(api: Callable[[str], httpx.Clien
     notify = api("notify")
     for i, payload in enumerate(SSTI):
         tid = f"fuzz_ssti_{i}"
-        resp = notify.put(f"/v1/templates/{tid}", json={"channel": "email", "subject": "Hi", "html": f"<p>{payload}</p>",
-                                                        "text": payload})
+        body = {"channel": "email", "subject": "Hi", "html": f"<p>{payload}</p>", "text": payload}
+        resp = notify.put(f"/v1/templates/{tid}", json=body)
         assert resp.status_code < 500, resp.text[:300]
         if resp.status_code >= 400:
             clear_4xx(resp)
