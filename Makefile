@@ -71,8 +71,19 @@ lint-helm: deps $(HELM)
 test-unit: deps
 	$(PY) -m pytest -m "not integration" -q
 
+# Each test area runs as its own pytest session, so in its own namespace (topics, keyspace, Redis keys) with
+# its own service processes: areas that start replicas of a service never share a consumer group.
+TEST_AREAS := core ingest profile segmenter journeys notify loyalty ops fuzz chaos
+
 test: lint
-	$(PY) -m pytest -q
+	@failed=""; \
+	$(PY) -m pytest -q loyalist services || failed="$$failed packages"; \
+	for area in $(TEST_AREAS); do \
+	  echo "== tests/$$area"; \
+	  $(PY) -m pytest -q tests/$$area || failed="$$failed $$area"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make test: FAILED in:$$failed"; exit 1; fi; \
+	echo "make test: every area passed"
 
 # ---- proof ---------------------------------------------------------------------------------------
 demo: up
