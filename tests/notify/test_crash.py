@@ -79,12 +79,13 @@ def test_kill9_between_send_and_commit_never_duplicates_nor_loses(
 ) -> None:
     n = 16
     run_tag, emails, requests = _batch(stack_settings, n, point.replace("_", ""))
-    produce_requests(stack_settings, *requests)
     # One message in flight at a time, so a crash lands exactly at the named point of one message.
     # Every process incarnation dies at its 5th pass through the point: several kills, guaranteed progress.
     svc = launch_notify(stack_settings, f"crash-{point}", LOYALIST_NOTIFY_CRASH_POINT=point,
                         LOYALIST_NOTIFY_CRASH_EVERY="5", LOYALIST_NOTIFY_CONCURRENCY="1",
                         LOYALIST_NOTIFY_BATCH_SIZE="10")
+    # Requests go out once notify is ready: a crash before readiness would look like a failed start.
+    produce_requests(stack_settings, *requests)
     try:
         crashes, rows = _drive(stack_settings, api_headers, svc, run_tag, emails,
                                [r["idempotencyKey"] for r in requests], {"sent"}, 150)
@@ -111,10 +112,10 @@ def test_kill9_in_the_residual_window_is_visible_and_never_loses(
     message says ``ambiguousRecovery: true`` in the delivery log."""
     n = 8
     run_tag, emails, requests = _batch(stack_settings, n, "window")
-    produce_requests(stack_settings, *requests)
     svc = launch_notify(stack_settings, "crash-window", LOYALIST_NOTIFY_CRASH_POINT="after_send",
                         LOYALIST_NOTIFY_CRASH_EVERY="4", LOYALIST_NOTIFY_CONCURRENCY="1",
                         LOYALIST_NOTIFY_BATCH_SIZE="4")
+    produce_requests(stack_settings, *requests)
     try:
         crashes, rows = _drive(stack_settings, api_headers, svc, run_tag, emails,
                                [r["idempotencyKey"] for r in requests], {"sent"}, 150)
