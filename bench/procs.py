@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loyalist.devstack import REPO, bootstrap
+from loyalist.devstack import REPO, bootstrap, pid_alive
 from loyalist.settings import SERVICE_NAMES, Settings
 
 # Order that respects the data flow: a consumer of a topic starts after its producer is importable.
@@ -61,18 +61,6 @@ def rss_bytes(pid: int) -> int | None:
     except OSError:
         return None
     return None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def http_ok(url: str, timeout_s: float = 2) -> bool:

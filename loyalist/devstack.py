@@ -60,6 +60,9 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+pid_alive = _pid_alive  # public name for other tools (bench)
+
+
 @dataclass
 class Component:
     name: str
