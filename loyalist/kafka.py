@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import DefaultPartitioner
 
 from loyalist.settings import Settings
 from loyalist.topics import TOPICS, Topic
@@ -29,6 +31,32 @@ def make_producer(settings: Settings, *, client_id: str, linger_ms: int = 2) -> 
         request_timeout_ms=10_000,
         retry_backoff_ms=100,
     )
+
+
+_partitioner = DefaultPartitioner()
+
+
+async def produce_many(producer: AIOKafkaProducer, topic: str,
+                       records: Sequence[tuple[bytes, bytes]]) -> list[asyncio.Future[Any]]:
+    """Queue many keyed records with one record batch per partition (partitioned by key exactly as
+    ``producer.send`` would); returns the delivery futures to await. Several times less CPU than one ``send``
+    per record, which matters for stages that emit thousands of records a second."""
+    if not records:
+        return []
+    partitions = sorted(await producer.partitions_for(topic))
+    by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+    for key, value in records:
+        by_partition.setdefault(_partitioner(key, partitions, partitions), []).append((key, value))
+    futures: list[asyncio.Future[Any]] = []
+    for partition, items in by_partition.items():
+        batch = producer.create_batch()
+        for key, value in items:
+            if batch.append(key=key, value=value, timestamp=None) is None:  # batch full: ship it, start another
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)
+        futures.append(await producer.send_batch(batch, topic, partition=partition))
+    return futures
 
 
 def make_consumer(

@@ -46,6 +46,17 @@ STREAM_DURATION = Histogram(
     "loyalist_stream_processing_duration_seconds", "Time to process one event", ["service", "agent"],
     buckets=LATENCY_BUCKETS,
 )
+STREAM_BATCH_SIZE = Histogram(
+    "loyalist_stream_batch_size_records", "Records handed to a batch stage at once", ["service", "stage"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
+)
+STREAM_BATCH_DURATION = Histogram(
+    "loyalist_stream_batch_duration_seconds", "Time to process one batch of a batch stage", ["service", "stage"],
+    buckets=LATENCY_BUCKETS,
+)
+STREAM_FAILURES = Counter(
+    "loyalist_stream_batch_failures_total", "Batches that failed and were retried", ["service", "stage"]
+)
 STORE_CALLS = Histogram(
     "loyalist_store_call_duration_seconds", "Cassandra/Redis call latency", ["service", "store", "operation"],
     buckets=LATENCY_BUCKETS,

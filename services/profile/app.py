@@ -11,7 +11,7 @@ import asyncio
 from fastapi import FastAPI
 
 from loyalist.http import create_service_app
-from loyalist.kafka import ensure_topics
+from loyalist.kafka import ensure_topics, produce_many
 from loyalist.service import Resources
 from loyalist.settings import Settings
 from loyalist.topics import PROFILE_FOLD
@@ -19,7 +19,7 @@ from services.profile.api import profiles_router
 from services.profile.loyalty import install as install_loyalty
 from services.profile.processor import Emitter, Folder, Resolver, Tombstones
 from services.profile.store import HotProfiles, ProfileStore
-from services.profile.streams import Runtime, build_stream_app
+from services.profile.streams import Runtime, build_consumers, build_stream_app
 
 DESCRIPTION = """Live customer profiles: identity resolution, the 360-degree profile, the event store.
 
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fold_topic = settings.topic(PROFILE_FOLD.name)
 
         async def dispatch(messages: list[tuple[str, bytes]]) -> None:
-            futures = [await producer.send(fold_topic, value, key=key.encode()) for key, value in messages]
+            futures = await produce_many(producer, fold_topic, [(key.encode(), value) for key, value in messages])
             if futures:
                 await asyncio.gather(*futures)
 
@@ -56,9 +56,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.profile_store = store
         app.state.hot_profiles = hot
         app.state.profile_runtime = runtime
+        # The pipeline's consumers, then those extensions (loyalty) registered.
+        runtime.consumers = build_consumers(settings, runtime) + list(getattr(app.state, "batch_consumers", []))
+        for consumer in runtime.consumers:
+            await consumer.start()
+
+        async def consumers_check() -> bool:
+            return all(c.running for c in runtime.consumers)
+
+        app.state.ready_checks["consumers"] = consumers_check
+
+    async def on_stop(resources: Resources, app: FastAPI) -> None:
+        for consumer in getattr(runtime, "consumers", []):
+            await consumer.stop()
 
     resources = Resources(settings, "profile", cassandra=True, redis=True, producer=True, stream_app=stream_app,
-                          on_start=on_start)
+                          on_start=on_start, on_stop=on_stop)
     app = create_service_app("profile", title="Loyalist profiles", description=DESCRIPTION,
                              lifespan=resources.lifespan)
     app.state.settings = settings

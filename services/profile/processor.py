@@ -30,6 +30,7 @@ import orjson
 from pydantic import ValidationError
 
 from loyalist.events import Event, decode_event, encode_event
+from loyalist.kafka import produce_many
 from loyalist.settings import Settings
 from loyalist.topics import EVENTS_RESOLVED, PROFILE_CHANGED, Topic
 from services.profile import metrics
@@ -67,23 +68,30 @@ def utc_now() -> datetime:
 
 
 class Emitter:
-    """Sends to Kafka and awaits every acknowledgement in :meth:`flush` (or does nothing, for replays)."""
+    """Collects messages for Kafka and sends them in :meth:`flush`, which returns once every one was
+    acknowledged (or does nothing, for replays)."""
 
     def __init__(self, producer: Any | None, settings: Settings) -> None:
         self.producer = producer
         self.settings = settings
-        self._pending: list[asyncio.Future[Any]] = []
+        self._queued: dict[str, list[tuple[bytes, bytes]]] = {}
+        self._counters = {t.name: metrics.EMITTED.labels(t.name) for t in (EVENTS_RESOLVED, PROFILE_CHANGED)}
 
     async def send(self, topic: Topic, key: str, value: bytes) -> None:
         if self.producer is None:
             return
-        self._pending.append(await self.producer.send(self.settings.topic(topic.name), value, key=key.encode()))
-        metrics.EMITTED.labels(topic.name).inc()
+        self._queued.setdefault(topic.name, []).append((key.encode(), value))
 
     async def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if pending:
-            await asyncio.gather(*pending)
+        queued, self._queued = self._queued, {}
+        if self.producer is None or not queued:
+            return
+        futures = []
+        for name, records in queued.items():
+            futures += await produce_many(self.producer, self.settings.topic(name), records)
+            counter = self._counters.get(name) or metrics.EMITTED.labels(name)
+            counter.inc(len(records))
+        await asyncio.gather(*futures)
 
 
 class Tombstones:
@@ -178,7 +186,7 @@ class Resolver:
             plain = [(i, pid) for i, pid in claims.items() if i in keyed]
             owners, _ = await asyncio.gather(
                 gather_limited((self.store.claim_identity(i, pid, now) for i, pid in exclusive), limit=32),
-                gather_limited(self.store.claim_identity(i, pid, now, exclusive=False) for i, pid in plain))
+                self.store.link_many(plain, now))
             lost = {i: owner for (i, pid), owner in zip(exclusive, owners, strict=True) if owner != pid}
             if not lost:
                 break
@@ -187,10 +195,7 @@ class Resolver:
         else:  # pragma: no cover - would need ten concurrent conflicting claimers in a row
             raise RuntimeError("identity claims did not settle")
         if relinks:
-            by_target: dict[str, list[Identifier]] = {}
-            for ident, pid in relinks.items():
-                by_target.setdefault(pid, []).append(ident)
-            await gather_limited(self.store.link_identities(ids, pid, now) for pid, ids in by_target.items())
+            await self.store.link_many(list(relinks.items()), now)
         await self.dispatch(out)
         if self.hot is not None:
             await self.hot.write({}, {(i.kind, i.value): pid for i, pid in {**claims, **relinks}.items()})
@@ -231,6 +236,9 @@ class Resolver:
 
 
 # ---------------------------------------------------------------------------------------------------------
+RECENT_KEYS = 32
+
+
 @dataclass
 class Loaded:
     """What the owner of a profile knows about it."""
@@ -239,6 +247,15 @@ class Loaded:
     document: dict[str, Any] | None
     merged_into: str | None
     segments: dict[str, tuple[bool, int]] = field(default_factory=dict)  # id -> (member, changed ms)
+    # Dedup keys folded lately (in memory only): a resent message whose clock-skew-corrected timestamp moved
+    # past the last folded event is still recognised while the profile is cached.
+    recent: dict[str, None] = field(default_factory=dict)
+
+    def remember(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.recent[key] = None
+        while len(self.recent) > RECENT_KEYS:
+            del self.recent[next(iter(self.recent))]
 
     def segment_ids(self) -> list[str]:
         return sorted(s for s, (member, _) in self.segments.items() if member)
@@ -270,34 +287,25 @@ class Folder:
         self.cache.clear()
 
     async def _load(self, profile_ids: Sequence[str]) -> None:
-        missing = [p for p in dict.fromkeys(profile_ids) if p not in self.cache]
-        loaded = await gather_limited(self._load_one(p) for p in missing)
-        for pid, item in zip(missing, loaded, strict=True):
-            self.cache.put(pid, item)
+        """Bring profiles into the cache with two bulk reads (snapshots, then segment memberships).
 
-    async def _load_one(self, profile_id: str) -> Loaded:
-        snap = await self.store.load(profile_id)
-        if snap.merged_into is not None:
-            return Loaded(None, None, snap.merged_into)
-        # Events stored by a run that crashed before its snapshot are folded now (and emitted again:
-        # downstream sees every event at least once). A profile never snapshotted has no segments yet.
-        after = tuple(snap.state.last_key) if snap.state and snap.state.last_key else None
-        if snap.state is None:
-            missed, segment_rows = await self.store.events(profile_id), []
-        else:
-            missed, segment_rows = await asyncio.gather(
-                self.store.events(profile_id, after=after) if after else self.store.events(profile_id),
-                self.store.segment_rows(profile_id))
-        segments = {r["segment_id"]: (bool(r["member"]), int(r["changed_at"].timestamp() * 1000))
-                    for r in segment_rows}
-        item = Loaded(snap.state, snap.document, None, segments)
-        if missed:
-            state = snap.state or new_state(profile_id)
-            for row in missed:
-                fold(state, row.event)
-            item.state = state
-            await self._publish(profile_id, item, [r.event for r in missed], [])
-        return item
+        The snapshot is written with every batch before its events are marked processed, so a batch cut short
+        by a crash is delivered again and folded onto the snapshot (a refold from the event store when the
+        snapshot already holds some of its events): loading needs nothing but the snapshot."""
+        missing = [p for p in dict.fromkeys(profile_ids) if p not in self.cache]
+        if not missing:
+            return
+        snapshots = await self.store.load_many(missing)
+        live = [p for p in missing if snapshots[p].state is not None and snapshots[p].merged_into is None]
+        segment_rows = await self.store.segment_rows_many(live) if live else {}
+        for pid in missing:
+            snap = snapshots[pid]
+            if snap.merged_into is not None:
+                self.cache.put(pid, Loaded(None, None, snap.merged_into))
+                continue
+            segments = {r["segment_id"]: (bool(r["member"]), int(r["changed_at"].timestamp() * 1000))
+                        for r in segment_rows.get(pid, ())}
+            self.cache.put(pid, Loaded(snap.state, snap.document, None, segments))
 
     # ---- batch entry point -------------------------------------------------------------------------
     async def fold_batch(self, raws: Sequence[bytes]) -> None:
@@ -310,7 +318,14 @@ class Folder:
         groups: dict[str, list[Op]] = {}
         for op in ops:
             groups.setdefault(op["profileId"], []).append(op)
+            if op["op"] == "event":
+                op["parsed"] = self._decode(op)
+        # Profiles not cached yet are loaded first: only events at or before a profile's last folded event can
+        # have been processed already, so only those are looked up in the dedup index.
         await self._load(list(groups))
+        candidates = {pid: [o["parsed"] for o in group if o.get("parsed") is not None]
+                      for pid, group in groups.items() if self.cache[pid].merged_into is None}
+        done = await self.store.existing_event_keys(self._maybe_done(candidates))
         forwards: list[tuple[str, bytes]] = []
         fast: dict[str, list[Op]] = {}
         slow: dict[str, list[Op]] = {}
@@ -318,12 +333,24 @@ class Folder:
             simple = all(o["op"] == "event" for o in group) and self.cache[pid].merged_into is None
             (fast if simple else slow)[pid] = group
         if fast:
-            await self._apply_events(fast, forwards)
+            await self._apply_events(fast, forwards, done)
         for pid, group in slow.items():
             for op in group:
                 await self._apply_op(pid, op, forwards)
         if forwards:
             await self.dispatch(forwards)
+
+    @staticmethod
+    def _decode(op: Op) -> tuple[Event, bytes] | None:
+        parsed = op.get("parsed")
+        if parsed is not None:
+            return parsed  # type: ignore[no-any-return]
+        raw = orjson.dumps(op["event"])
+        try:
+            return decode_event(raw), raw
+        except (ValidationError, ValueError):
+            metrics.PROCESSED.labels("fold", "invalid").inc()
+            return None
 
     async def _apply_op(self, pid: str, op: Op, forwards: list[tuple[str, bytes]]) -> None:
         kind = op["op"]
@@ -349,18 +376,19 @@ class Folder:
             log.warning("unknown fold operation %r", kind)
 
     # ---- events ------------------------------------------------------------------------------------
-    async def _apply_events(self, groups: dict[str, list[Op]], forwards: list[tuple[str, bytes]]) -> None:
+    async def _apply_events(self, groups: dict[str, list[Op]], forwards: list[tuple[str, bytes]],
+                            done: dict[str, str] | None = None) -> None:
+        """Fold new events into their (cached) profiles with four rounds of writes whatever the batch size:
+        events and downstream messages, then snapshots and the hot copies, then the dedup index."""
         candidates: dict[str, list[tuple[Event, bytes]]] = {}
         for pid, ops in groups.items():
             seen: set[str] = set()
+            erased_at = self.tombstones.erased.get(subject_hash("profile_id", pid)) if self.tombstones.erased else None
             for op in ops:
-                raw = orjson.dumps(op["event"])
-                try:
-                    event = decode_event(raw)
-                except (ValidationError, ValueError):
-                    metrics.PROCESSED.labels("fold", "invalid").inc()
+                parsed = self._decode(op)
+                if parsed is None:
                     continue
-                erased_at = self.tombstones.erased.get(subject_hash("profile_id", pid))
+                event = parsed[0]
                 if erased_at is not None and to_ms(event.received_at) <= erased_at:
                     metrics.PROCESSED.labels("fold", "erased").inc()
                     continue
@@ -368,10 +396,11 @@ class Folder:
                     metrics.PROCESSED.labels("fold", "duplicate").inc()
                     continue
                 seen.add(event.dedup_key)
-                candidates.setdefault(pid, []).append((event, raw))
-        done = await self.store.existing_event_keys([e.dedup_key for evs in candidates.values() for e, _ in evs])
+                candidates.setdefault(pid, []).append(parsed)
+        if done is None:
+            done = await self.store.existing_event_keys(self._maybe_done(candidates))
         pending = _Pending()
-        fresh: dict[str, list[Event]] = {}
+        fresh: dict[str, list[tuple[Event, bytes]]] = {}
         for pid, evs in candidates.items():
             for event, raw in evs:
                 if event.dedup_key in done:
@@ -380,29 +409,49 @@ class Folder:
                 ts_ms, key = event_key(event)
                 pending.stored.append(StoredEvent(pid, ts_ms, key, event))
                 pending.raw[key] = raw
-                fresh.setdefault(pid, []).append(event)
+                fresh.setdefault(pid, []).append((event, raw))
         if not fresh:
             return
-        await self.store.write_events(pending.stored, pending.raw)
+        # A late event (before the last one folded) means a refold of the profile's whole history: the stored
+        # events (read before this batch's are written) plus the new ones.
         refold = [pid for pid, new_events in fresh.items()
-                  if not self._in_order(self.cache[pid].state, new_events)]
-        full = dict(zip(refold, await gather_limited(self.store.events(p) for p in refold), strict=True))
+                  if not self._in_order(self.cache[pid].state, [e for e, _ in new_events])]
+        history = dict(zip(refold, await gather_limited(self.store.events(p) for p in refold), strict=True))
         for pid, new_events in fresh.items():
             item = self.cache[pid]
-            if pid in full:
-                item.state = fold_all(pid, [r.event for r in full[pid]])
+            events = [e for e, _ in new_events]
+            item.remember([e.dedup_key for e in events])
+            if pid in history:
+                item.state = fold_all(pid, [r.event for r in history[pid]] + events)
                 metrics.REFOLDS.inc()
             else:
                 state = item.state or new_state(pid)
-                for event in sorted(new_events, key=event_key):
+                for event in sorted(events, key=event_key):
                     fold(state, event)
                 item.state = state
-            await self._publish(pid, item, new_events, [], pending=pending)
+            await self._publish(pid, item, events, [], pending=pending, raws=[r for _, r in new_events])
+        # Events must be durable before a snapshot that includes them (a refold reads them back).
+        await asyncio.gather(self.store.write_events(pending.stored, pending.raw), self.emitter.flush())
         await self._commit(pending)
         metrics.PROCESSED.labels("fold", "ok").inc(len(pending.stored))
         now_s = self.clock().timestamp()
         for row in pending.stored:
             metrics.FRESHNESS.observe(max(0.0, now_s - row.event.received_at.timestamp()))
+
+    def _maybe_done(self, candidates: dict[str, list[tuple[Event, bytes]]]) -> list[str]:
+        """Dedup keys of the events that may have been processed before: those not after the profile's last
+        folded event. The last folded key is the greatest ever folded into the (snapshotted) state, and the
+        dedup index is written only after the snapshot, so a later event cannot be in the index."""
+        keys: list[str] = []
+        for pid, evs in candidates.items():
+            item = self.cache.get(pid)
+            state = item.state if item is not None else None
+            last = tuple(state.last_key) if state is not None and state.last_key else None
+            if last is None:
+                continue
+            recent = item.recent if item is not None else {}
+            keys.extend(e.dedup_key for e, _ in evs if e.dedup_key in recent or event_key(e) <= last)
+        return keys
 
     @staticmethod
     def _in_order(state: ProfileState | None, events: list[Event]) -> bool:
@@ -412,7 +461,7 @@ class Folder:
         return all(event_key(e) > last for e in events)
 
     async def _publish(self, pid: str, item: Loaded, events: Sequence[Event], merges: Sequence[Op],
-                       pending: _Pending | None = None) -> None:
+                       pending: _Pending | None = None, raws: Sequence[bytes] | None = None) -> None:
         """Emit what one profile's update means downstream; with ``pending`` the Redis/snapshot writes join
         the batch, otherwise they happen now."""
         assert item.state is not None
@@ -420,9 +469,10 @@ class Folder:
         document = render(item.state, now=now, segments=item.segment_ids())
         changed = changed_fields(item.document, document)
         resolved_at = iso(to_ms(now))
-        for event in events:
+        for index, event in enumerate(events):
+            body = raws[index] if raws is not None else encode_event(event)
             await self.emitter.send(EVENTS_RESOLVED, pid, orjson.dumps(
-                {"profileId": pid, "event": orjson.Fragment(encode_event(event)), "resolvedAt": resolved_at}))
+                {"profileId": pid, "event": orjson.Fragment(body), "resolvedAt": resolved_at}))
         for merge in merges:
             await self.emitter.send(EVENTS_RESOLVED, pid, orjson.dumps(
                 {"profileId": pid, "merge": merge, "resolvedAt": resolved_at, "at": resolved_at}))
@@ -447,15 +497,15 @@ class Folder:
             await self.store.save(pid, item.state, document, None, now)
 
     async def _commit(self, pending: _Pending) -> None:
-        # Emits, then the hot copy and snapshots together, and the dedup index last: an event is only
-        # marked processed once its profile snapshot includes it (a late event sorts before the snapshot's
-        # last event, so a restart could not fold it from the store otherwise).
+        # The hot copy and snapshots together, and the dedup index last: an event is only marked processed
+        # once its profile snapshot includes it (a late event sorts before the snapshot's last event, so a
+        # restart could not fold it from the store otherwise).
         await self.emitter.flush()
         now = self.clock()
         await asyncio.gather(
             self.hot.write(pending.documents, {}) if self.hot is not None else asyncio.sleep(0),
-            gather_limited(self.store.save(pid, self.cache[pid].state, self.cache[pid].document, None, now)
-                           for pid in pending.snapshots))
+            self.store.save_many([(pid, self.cache[pid].state, self.cache[pid].document)
+                                  for pid in pending.snapshots], now))
         await self.store.write_index(pending.stored)
 
     # ---- merges ------------------------------------------------------------------------------------

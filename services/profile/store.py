@@ -15,12 +15,11 @@ from typing import Any, TypeVar
 
 import orjson
 from cassandra.cluster import Session
-from cassandra.query import BatchStatement, BatchType
 from redis.asyncio import Redis
 
-from loyalist.cassandra import execute
+from loyalist.cassandra import Row, execute, execute_writes
 from loyalist.events import Event, decode_event
-from loyalist.metrics import STORE_CALLS
+from loyalist.metrics import STORE_CALLS, STORE_ERRORS
 from loyalist.settings import Settings
 from services.profile.domain.identity import Identifier
 from services.profile.domain.profile import ProfileState
@@ -102,6 +101,8 @@ class ProfileStore:
             "SELECT kind, value, linked_at FROM profile_identities WHERE profile_id = ?")
         self._delete_profile_identities = p("DELETE FROM profile_identities WHERE profile_id = ?")
         self._select_profile = p("SELECT state, document, merged_into FROM profiles WHERE profile_id = ?")
+        self._select_profiles = p(
+            "SELECT profile_id, state, document, merged_into FROM profiles WHERE profile_id IN ?")
         self._select_documents = p("SELECT profile_id, document, merged_into FROM profiles WHERE profile_id IN ?")
         self._write_profile = p(
             "INSERT INTO profiles (profile_id, state, document, merged_into, updated_at) VALUES (?, ?, ?, ?, ?)")
@@ -125,12 +126,31 @@ class ProfileStore:
             "VALUES (?, ?, ?, ?, ?)")
         self._select_segments = p(
             "SELECT segment_id, segment_name, member, changed_at FROM profile_segments WHERE profile_id = ?")
+        self._select_segments_in = p(
+            "SELECT profile_id, segment_id, segment_name, member, changed_at FROM profile_segments "
+            "WHERE profile_id IN ?")
         self._delete_segments = p("DELETE FROM profile_segments WHERE profile_id = ?")
 
     async def _run(self, operation: str, statement: Any, params: Any = None) -> list[Any]:
         started = time.perf_counter()
         try:
             return await execute(self.session, statement, params)
+        except Exception:
+            STORE_ERRORS.labels("profile", "cassandra", operation).inc()
+            raise
+        finally:
+            STORE_CALLS.labels("profile", "cassandra", operation).observe(time.perf_counter() - started)
+
+    async def _write(self, operation: str, rows: Sequence[Row]) -> None:
+        """Many idempotent writes in few requests (unlogged batches)."""
+        if not rows:
+            return
+        started = time.perf_counter()
+        try:
+            await execute_writes(self.session, rows)
+        except Exception:
+            STORE_ERRORS.labels("profile", "cassandra", operation).inc()
+            raise
         finally:
             STORE_CALLS.labels("profile", "cassandra", operation).observe(time.perf_counter() - started)
 
@@ -145,25 +165,16 @@ class ProfileStore:
         return found
 
     async def write_events(self, rows: Sequence[StoredEvent], raw: dict[str, bytes]) -> None:
-        """The events of a batch, grouped by profile into single-partition batches (one round trip each)."""
-        by_profile: dict[str, list[StoredEvent]] = {}
-        for row in rows:
-            by_profile.setdefault(row.profile_id, []).append(row)
-        statements: list[BatchStatement] = []
-        for profile_rows in by_profile.values():
-            for chunk in _chunks(profile_rows, 20):
-                batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-                for r in chunk:
-                    e = r.event
-                    batch.add(self._insert_event, (r.profile_id, ms_to_dt(r.ts_ms), r.event_key, e.received_at,
-                                                   e.type, e.label, raw[r.event_key]))
-                statements.append(batch)
-        await gather_limited(self._run("write_events", b) for b in statements)
+        """The events of a batch, in few requests (each row is an idempotent upsert)."""
+        await self._write("write_events", [
+            (self._insert_event, (r.profile_id, r.ts_ms, r.event_key, r.event.received_at, r.event.type,
+                                  r.event.label, raw[r.event_key]))
+            for r in sorted(rows, key=lambda r: r.profile_id)])
 
     async def write_index(self, rows: Sequence[StoredEvent]) -> None:
         """Marks events as processed: written last, after every other effect of the batch."""
-        await gather_limited(self._run("write_index", self._insert_index,
-                                       (r.event_key, r.profile_id, ms_to_dt(r.ts_ms))) for r in rows)
+        await self._write("write_index", [
+            (self._insert_index, (r.event_key, r.profile_id, r.ts_ms)) for r in rows])
 
     def _decode_rows(self, profile_id: str, rows: list[Any]) -> list[StoredEvent]:
         return [StoredEvent(profile_id, dt_to_ms(r["ts"]), r["event_key"], decode_event(r["body"])) for r in rows]
@@ -224,10 +235,13 @@ class ProfileStore:
         return str(row["profile_id"])
 
     async def link_identities(self, identifiers: Sequence[Identifier], profile_id: str, now: datetime) -> None:
-        await gather_limited(
-            [self._run("identity_link", self._link_identity, (i.kind, i.value, profile_id, now)) for i in identifiers]
-            + [self._run("profile_identity", self._insert_profile_identity, (profile_id, i.kind, i.value, now))
-               for i in identifiers])
+        await self.link_many([(i, profile_id) for i in identifiers], now)
+
+    async def link_many(self, links: Sequence[tuple[Identifier, str]], now: datetime) -> None:
+        """Identifier -> profile links (and the reverse listing), without lightweight transactions."""
+        await self._write("identity_link", [
+            *((self._link_identity, (i.kind, i.value, pid, now)) for i, pid in links),
+            *((self._insert_profile_identity, (pid, i.kind, i.value, now)) for i, pid in links)])
 
     async def profile_identities(self, profile_id: str) -> list[dict[str, Any]]:
         return await self._run("profile_identities", self._select_profile_identities, (profile_id,))
@@ -249,6 +263,25 @@ class ProfileStore:
         document = orjson.loads(row["document"]) if row["document"] else None
         return Snapshot(state, document, row["merged_into"])
 
+    async def load_many(self, profile_ids: Sequence[str]) -> dict[str, Snapshot]:
+        """Snapshots of many profiles in few requests (absent profiles get an empty snapshot)."""
+        out = {pid: Snapshot(None, None, None) for pid in profile_ids}
+        chunks = _chunks(list(profile_ids), IN_CHUNK)
+        for rows in await gather_limited(self._run("snapshot_load", self._select_profiles, (list(c),)) for c in chunks):
+            for row in rows:
+                state = ProfileState.from_json(orjson.loads(row["state"])) if row["state"] else None
+                document = orjson.loads(row["document"]) if row["document"] else None
+                out[row["profile_id"]] = Snapshot(state, document, row["merged_into"])
+        return out
+
+    async def segment_rows_many(self, profile_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {pid: [] for pid in profile_ids}
+        chunks = _chunks(list(profile_ids), IN_CHUNK)
+        for rows in await gather_limited(self._run("segments", self._select_segments_in, (list(c),)) for c in chunks):
+            for row in rows:
+                out[row["profile_id"]].append(row)
+        return out
+
     async def documents(self, profile_ids: Sequence[str]) -> dict[str, tuple[dict[str, Any] | None, str | None]]:
         out: dict[str, tuple[dict[str, Any] | None, str | None]] = {}
         for chunk in _chunks(list(profile_ids), IN_CHUNK):
@@ -257,11 +290,21 @@ class ProfileStore:
                 out[row["profile_id"]] = (doc, row["merged_into"])
         return out
 
+    def _snapshot_row(self, profile_id: str, state: ProfileState | None, document: dict[str, Any] | None,
+                      merged_into: str | None, now: datetime) -> Row:
+        return (self._write_profile, (
+            profile_id, orjson.dumps(state) if state else None,
+            orjson.dumps(document) if document is not None else None, merged_into, now))
+
     async def save(self, profile_id: str, state: ProfileState | None, document: dict[str, Any] | None,
                    merged_into: str | None, now: datetime) -> None:
-        await self._run("snapshot_save", self._write_profile, (
-            profile_id, orjson.dumps(state.to_json()) if state else None,
-            orjson.dumps(document) if document is not None else None, merged_into, now))
+        await self._run("snapshot_save", *self._snapshot_row(profile_id, state, document, merged_into, now))
+
+    async def save_many(self, snapshots: Sequence[tuple[str, ProfileState | None, dict[str, Any] | None]],
+                        now: datetime) -> None:
+        """Snapshots of many (unmerged) profiles in few requests."""
+        await self._write("snapshot_save", [self._snapshot_row(pid, state, doc, None, now)
+                                            for pid, state, doc in snapshots])
 
     async def delete_profile(self, profile_id: str) -> None:
         await self._run("snapshot_delete", self._delete_profile, (profile_id,))

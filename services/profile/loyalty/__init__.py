@@ -59,7 +59,10 @@ def install(app: FastAPI, stream_app: faust.App, resources: Resources,
     get_service = _Lazy(resources, config)
     app.state.loyalty = get_service
     app.include_router(build_router())
-    register_streams(stream_app, resources.settings, config, get_service)
+    consumers = getattr(app.state, "batch_consumers", None)
+    if consumers is None:
+        consumers = app.state.batch_consumers = []
+    register_streams(stream_app, resources.settings, config, get_service, consumers)
 
 
 __all__ = ["install"]

@@ -1,13 +1,14 @@
-"""The loyalty faust agent and timer, embedded in the profile service's stream app (thin: decode, hand
-to the service, which decides, commits and publishes)."""
+"""The loyalty consumers, task and timer, embedded in the profile service (thin: decode, hand to the service,
+which decides, commits and publishes)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Sequence
 
 import faust
 
+from loyalist.consumer import BatchConsumer, Record, record_values
 from loyalist.settings import Settings
 from loyalist.topics import EVENTS_RESOLVED, PROFILE_CHANGED
 from services.profile.loyalty.service import LoyaltyService
@@ -17,31 +18,27 @@ log = logging.getLogger(__name__)
 
 
 def register_streams(
-    stream_app: faust.App, settings: Settings, config: LoyaltySettings, get_service: Callable[[], LoyaltyService]
+    stream_app: faust.App, settings: Settings, config: LoyaltySettings, get_service: Callable[[], LoyaltyService],
+    consumers: list[BatchConsumer],
 ) -> None:
-    topic = stream_app.topic(
-        settings.topic(EVENTS_RESOLVED.name), key_type=bytes, value_type=bytes,
-        key_serializer="raw", value_serializer="raw",
-    )
+    """The ledger and erasure consumers (appended to ``consumers``) and the bootstrap task and schedule timer
+    (on the faust app: the schedule runs on its leader only)."""
+    # The two consumers are plain batch consumers (see loyalist.consumer), started by the profile service with
+    # its own: a batch's offsets are committed after the whole batch returned, and the service retries transient
+    # failures itself, so nothing is acknowledged before its effect is stored.
+    async def ledger(records: Sequence[Record]) -> None:
+        await get_service().process_resolved(record_values(records))
 
-    @stream_app.agent(topic, name="loyalty_ledger")
-    async def loyalty_ledger(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        # Offsets are acknowledged after the whole batch returned; the service retries transient
-        # failures itself, so nothing is acknowledged before its effect is stored.
-        async for values in stream.take(config.batch_size, within=0.5):
-            await get_service().process_resolved(list(values))
-            yield None
+    async def erasure(records: Sequence[Record]) -> None:
+        await get_service().process_profile_changes(record_values(records))
 
-    changes = stream_app.topic(
-        settings.topic(PROFILE_CHANGED.name), key_type=bytes, value_type=bytes,
-        key_serializer="raw", value_serializer="raw",
-    )
-
-    @stream_app.agent(changes, name="loyalty_erasure")
-    async def loyalty_erasure(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-        async for values in stream.take(config.batch_size, within=0.5):
-            await get_service().process_profile_changes(list(values))
-            yield None
+    group = f"{settings.namespace}-profile-loyalty"
+    consumers.extend([
+        BatchConsumer(settings, settings.topic(EVENTS_RESOLVED.name), group_id=group, handler=ledger,
+                      service="profile", stage="loyalty_ledger", max_records=config.batch_size),
+        BatchConsumer(settings, settings.topic(PROFILE_CHANGED.name), group_id=f"{group}-erasure", handler=erasure,
+                      service="profile", stage="loyalty_erasure", max_records=config.batch_size),
+    ])
 
     @stream_app.task
     async def loyalty_bootstrap() -> None:
