@@ -10,7 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2
 
 from loyalist.settings import Settings
 from loyalist.topics import TOPICS, Topic
@@ -33,7 +33,19 @@ def make_producer(settings: Settings, *, client_id: str, linger_ms: int = 2) -> 
     )
 
 
-_partitioner = DefaultPartitioner()
+# key -> murmur2 hash (aiokafka's murmur2 is pure Python; the same customers' keys come back all the time).
+_key_hashes: dict[bytes, int] = {}
+_KEY_HASHES_MAX = 200_000
+
+
+def _partition_for(key: bytes, partitions: Sequence[int]) -> int:
+    """The partition ``producer.send`` would choose (Kafka's default: murmur2 of the key, positive, modulo)."""
+    hashed = _key_hashes.get(key)
+    if hashed is None:
+        if len(_key_hashes) >= _KEY_HASHES_MAX:
+            _key_hashes.clear()
+        hashed = _key_hashes[key] = murmur2(key) & 0x7FFFFFFF
+    return partitions[hashed % len(partitions)]
 
 
 async def produce_many(producer: AIOKafkaProducer, topic: str,
@@ -46,7 +58,7 @@ async def produce_many(producer: AIOKafkaProducer, topic: str,
     partitions = sorted(await producer.partitions_for(topic))
     by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
     for key, value in records:
-        by_partition.setdefault(_partitioner(key, partitions, partitions), []).append((key, value))
+        by_partition.setdefault(_partition_for(key, partitions), []).append((key, value))
     futures: list[asyncio.Future[Any]] = []
     for partition, items in by_partition.items():
         batch = producer.create_batch()

@@ -23,6 +23,18 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
+class BatchWarningFilter(logging.Filter):
+    """Drops Cassandra's warnings about multi-partition unlogged batches, which the services send on purpose
+    (``loyalist.cassandra.write_batches``: idempotent upserts, grouped to save client CPU) and which a cluster
+    with stock thresholds would otherwise report on every such request."""
+
+    MARKERS = ("Unlogged batch covering", "exceeding specified threshold")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg) if not record.args else record.getMessage()
+        return not (message.startswith("Server warning") and any(m in message for m in self.MARKERS))
+
+
 def configure_logging(settings: Settings, service: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if settings.log_json:
@@ -35,3 +47,4 @@ def configure_logging(settings: Settings, service: str) -> None:
     # The drivers are chatty at INFO.
     for noisy in ("cassandra", "aiokafka", "kafka", "faust", "mode", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("cassandra.protocol").addFilter(BatchWarningFilter())

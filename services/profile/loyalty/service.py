@@ -34,6 +34,7 @@ from loyalist.topics import EVENTS_RAW
 from services.profile.loyalty import metrics
 from services.profile.loyalty.domain import (
     LOYALTY_SOURCE,
+    ORDER_EVENT_NAMES,
     TIER_CHANGED,
     AbsorbLedger,
     CloseLedger,
@@ -326,10 +327,19 @@ class LoyaltyService:
         """A batch from ``events.resolved``: per customer in order, customers concurrently.
         Transient failures are retried here until they succeed (the batch is acknowledged after)."""
         per_profile: dict[str, list[Event | _Merge]] = {}
+        relevant = await self._relevant_event_names()
         for raw in values:
             try:
                 message = orjson.loads(raw)
                 profile_id = message["profileId"]
+                wire = message.get("event")
+                # Most events (views, carts, pages) can never move a ledger: skip them before decoding. Exactly
+                # the events handle_event would turn into nothing (command_for and birthdays decide the rest).
+                if isinstance(wire, dict) and (
+                        wire.get("source") == LOYALTY_SOURCE or wire.get("type") not in ("track", "identify")
+                        or (wire.get("type") == "track" and wire.get("event") not in relevant)):
+                    metrics.STREAM_SKIPPED.labels("not_loyalty").inc()
+                    continue
                 if "merge" in message:
                     merge = message["merge"]
                     at = message.get("at") or message.get("resolvedAt")
@@ -361,6 +371,13 @@ class LoyaltyService:
 
         counts = await asyncio.gather(*(one_profile(p, evs) for p, evs in per_profile.items()))
         return sum(counts)
+
+    async def _relevant_event_names(self) -> frozenset[str]:
+        """Track events that can cause a ledger command under any program version."""
+        names = set(ORDER_EVENT_NAMES)
+        for program in await self.programs.versions():
+            names.update(b.event for b in program.action_bonuses)
+        return frozenset(names)
 
     async def _until_done(self, profile_id: str, item: Event | _Merge) -> None:
         delay = 0.2

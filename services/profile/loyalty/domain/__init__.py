@@ -24,7 +24,12 @@ from services.profile.loyalty.domain.decide import (
     qualifying_total,
     replay,
 )
-from services.profile.loyalty.domain.from_events import LOYALTY_SOURCE, birthday_from_traits, command_for
+from services.profile.loyalty.domain.from_events import (
+    LOYALTY_SOURCE,
+    ORDER_EVENT_NAMES,
+    birthday_from_traits,
+    command_for,
+)
 from services.profile.loyalty.domain.ledger import (
     LEDGER_EVENT_NAMES,
     POINTS_ADJUSTED,
@@ -43,6 +48,7 @@ from services.profile.loyalty.domain.program import Program, ProgramDefinition, 
 __all__ = [
     "LEDGER_EVENT_NAMES",
     "LOYALTY_SOURCE",
+    "ORDER_EVENT_NAMES",
     "POINTS_ADJUSTED",
     "POINTS_EARNED",
     "POINTS_EXPIRED",

@@ -24,6 +24,8 @@ from services.profile.loyalty.domain.ledger import LEDGER_EVENT_NAMES
 from services.profile.loyalty.domain.program import Program
 
 LOYALTY_SOURCE = "loyalty"
+# Track events that become ledger commands whatever the program (action bonuses add the program's own).
+ORDER_EVENT_NAMES = frozenset({"Order Completed", "Order Refunded", "Order Cancelled"})
 
 
 def _decimal(value: Any) -> Decimal | None:
