@@ -136,9 +136,13 @@ async def processor_phase(settings: Settings, fleet: Fleet, args: argparse.Names
         rate = (done - start[1]) / elapsed if elapsed > 0 else None
         out["groups"][group] = {"events_per_s": round(rate, 1) if rate is not None else None,
                                 "committed": done, "end": end, "lag": end - done}
-    profile_group = f"{settings.namespace}-profile"
+    # The profile processor is two stages: the resolver (events.raw) and the folder (profile.fold); an event is
+    # processed once folded, so the folder's rate is the processor's.
+    profile_group = f"{settings.namespace}-profile-fold"
     rate = out["groups"].get(profile_group, {}).get("events_per_s")
     out["profile_events_per_s"] = rate
+    out["profile_resolve_events_per_s"] = out["groups"].get(f"{settings.namespace}-profile-resolve", {}).get(
+        "events_per_s")
     if rate is None:
         out["note"] = f"no committed offsets seen for group {profile_group}: groups {sorted(last)}"
     return out
@@ -175,6 +179,18 @@ async def create_bench_journey(client: httpx.AsyncClient) -> str:
     return journey_id
 
 
+def freshness_stamp(prefix: str) -> Any:
+    """A ``profile.changed`` update folds one or more new events of a profile: each of them counts, with the
+    latency of the oldest (when ingest accepted it) — an upper bound for the others."""
+    def stamp(v: JSON) -> tuple[str, int] | None:
+        cause = v.get("cause") or {}
+        if not str(cause.get("messageId", "")).startswith(prefix):
+            return None
+        first = cause.get("firstReceivedAt") or cause.get("receivedAt")
+        return (str(first), int(cause.get("events") or 1)) if first else None
+    return stamp
+
+
 def tap_result(tap: Tap, expected: int, window_s: float) -> JSON:
     res: JSON = {**percentiles(tap.latencies), "expected": expected, "records_on_topic": tap.records}
     seen = len(tap.latencies)
@@ -207,9 +223,7 @@ async def pipeline_phase(settings: Settings, fleet: Fleet, args: argparse.Namesp
     taps: dict[str, Tap] = {}
     prefix = "bs"
     if fleet.url("profile"):
-        taps["freshness"] = Tap(settings, "profile.changed", lambda v: (
-            (v.get("cause") or {}).get("receivedAt")
-            if str((v.get("cause") or {}).get("messageId", "")).startswith(prefix) else None))
+        taps["freshness"] = Tap(settings, "profile.changed", freshness_stamp(prefix))
     if fleet.url("segmenter"):
         taps["segment"] = Tap(settings, "segment.membership",
                               lambda v: v.get("eventAcceptedAt") if v.get("change") == "entered" else None)

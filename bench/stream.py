@@ -37,7 +37,10 @@ def parse_ts(value: str) -> float:
 class Tap:
     """Latencies of the records of one topic: ``now - accepted_at(record)`` for records ``accepted_at`` can date."""
 
-    def __init__(self, settings: Settings, topic: str, accepted_at: Callable[[JSON], str | None]) -> None:
+    def __init__(self, settings: Settings, topic: str,
+                 accepted_at: Callable[[JSON], str | tuple[str, int] | None]) -> None:
+        """``accepted_at`` dates a record; ``(stamp, n)`` says the record is the output of ``n`` accepted events
+        dated no later than ``stamp`` (they all count, with that latency)."""
         self.settings = settings
         self.topic = settings.topic(topic)
         self.accepted_at = accepted_at
@@ -78,7 +81,8 @@ class Tap:
                     except Exception:
                         continue
                     if stamp:
-                        self.latencies.append(now - parse_ts(stamp))
+                        stamp, weight = stamp if isinstance(stamp, tuple) else (stamp, 1)
+                        self.latencies.extend([now - parse_ts(stamp)] * max(1, weight))
                         if len(self.samples) < 3:
                             self.samples.append(value)
 

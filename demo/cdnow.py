@@ -94,6 +94,19 @@ def identify_event(customer: str, first_order: date) -> JSON:
     }
 
 
+def subscribed_event(customer: str, first_order: date) -> JSON | None:
+    """Four customers in five opted in to marketing email with their first order (notify sends marketing only
+    to customers who opted in)."""
+    if int(customer) % 5 == 0:
+        return None
+    return {
+        "type": "track", "event": "Subscribed", "userId": user_id(customer),
+        "messageId": f"cdnow-subscribed-{int(customer)}", "timestamp": iso(first_order, 11),
+        "properties": {"channel": "email", "category": "marketing", "source": "checkout"},
+        "context": {"library": {"name": "loyalist-demo", "version": "1"}},
+    }
+
+
 def shift_to_end_today(today: date) -> int:
     """Days to add so the history's observation end (1998-06-30) falls on ``today``: a shop owner's data is
     recent, and recency, P(alive) and churn are measured against now.
@@ -105,8 +118,8 @@ def shift_to_end_today(today: date) -> int:
 
 
 def history_events(orders: list[Order], shift_days: int = 0) -> Iterator[JSON]:
-    """Identify each customer just before their first order, then every order, all in time order (dates moved
-    by ``shift_days``; intervals between purchases are kept exactly)."""
+    """Identify each customer (and record their marketing opt-in) just before their first order, then every
+    order, all in time order (dates moved by ``shift_days``; intervals between purchases are kept exactly)."""
     first: dict[str, date] = {}
     for o in orders:
         if o.customer not in first or o.date < first[o.customer]:
@@ -116,4 +129,7 @@ def history_events(orders: list[Order], shift_days: int = 0) -> Iterator[JSON]:
         if o.customer not in introduced:
             introduced.add(o.customer)
             yield identify_event(o.customer, first[o.customer] + timedelta(days=shift_days))
+            consent = subscribed_event(o.customer, first[o.customer] + timedelta(days=shift_days))
+            if consent is not None:
+                yield consent
         yield order_event(o, shift_days)

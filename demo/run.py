@@ -83,9 +83,13 @@ def say(msg: str) -> None:
 
 async def wait_for_processing(settings: Settings, timeout_s: float, desc: str,
                               services: tuple[str, ...] = ("profile", "segmenter")) -> bool:
-    """Progress of the services' consumer groups (faust app id = ``<namespace>-<service>``) until none is
-    behind, or the timeout."""
-    wanted = {f"{settings.namespace}-{s}" for s in services}
+    """Progress of the services' consumer groups (``<namespace>-<service>`` and ``<namespace>-<service>-<stage>``)
+    until none is behind, or the timeout."""
+    prefixes = tuple(f"{settings.namespace}-{s}" for s in services)
+
+    def wanted(group: str) -> bool:
+        return any(group == p or group.startswith(p + "-") for p in prefixes)
+
     bar = tqdm(desc=desc, unit="ev", unit_scale=True, dynamic_ncols=True)
     deadline = time.monotonic() + timeout_s
     caught_up = False
@@ -93,7 +97,7 @@ async def wait_for_processing(settings: Settings, timeout_s: float, desc: str,
     progress: dict[str, tuple[int, int]] = {}
     try:
         while time.monotonic() < deadline:
-            progress = {g: v for g, v in (await group_progress(settings)).items() if g in wanted}
+            progress = {g: v for g, v in (await group_progress(settings)).items() if wanted(g)}
             done = sum(d for d, _ in progress.values())
             end = sum(e for _, e in progress.values())
             bar.total = max(end, 1)

@@ -177,16 +177,13 @@ class Resolver:
         if misses:
             known.update(await self.store.lookup_identities(misses))
         # Claims race with other workers: a lost claim adds what the winner wrote and the batch is planned
-        # again, until every claim holds.
+        # again, until every claim holds. Only identifiers other workers may claim too need a lightweight
+        # transaction; the rest are written with the dispatch below.
         for _attempt in range(10):
             out, claims, relinks, keyed = self._plan(parsed, known)
             now = self.clock()
-            # Lightweight transactions are costly for Cassandra: fewer at a time than plain writes.
             exclusive = [(i, pid) for i, pid in claims.items() if i not in keyed]
-            plain = [(i, pid) for i, pid in claims.items() if i in keyed]
-            owners, _ = await asyncio.gather(
-                gather_limited((self.store.claim_identity(i, pid, now) for i, pid in exclusive), limit=32),
-                self.store.link_many(plain, now))
+            owners = await gather_limited((self.store.claim_identity(i, pid, now) for i, pid in exclusive), limit=32)
             lost = {i: owner for (i, pid), owner in zip(exclusive, owners, strict=True) if owner != pid}
             if not lost:
                 break
@@ -194,11 +191,14 @@ class Resolver:
             metrics.CLAIM_CONFLICTS.inc(len(lost))
         else:  # pragma: no cover - would need ten concurrent conflicting claimers in a row
             raise RuntimeError("identity claims did not settle")
-        if relinks:
-            await self.store.link_many(list(relinks.items()), now)
-        await self.dispatch(out)
-        if self.hot is not None:
-            await self.hot.write({}, {(i.kind, i.value): pid for i, pid in {**claims, **relinks}.items()})
+        # Plain links (the partition's own user ids, relinks after merges) are idempotent and their profile ids
+        # deterministic (a retry plans the same), so they go together with the hand-over to the folder.
+        plain = [(i, pid) for i, pid in claims.items() if i in keyed] + list(relinks.items())
+        await asyncio.gather(
+            self.store.link_many(plain, now),
+            self.dispatch(out),
+            self.hot.write({}, {(i.kind, i.value): pid for i, pid in {**claims, **relinks}.items()})
+            if self.hot is not None else asyncio.sleep(0))
         metrics.PROCESSED.labels("resolve", "ok").inc(len(parsed))
 
     def _plan(self, parsed: Sequence[tuple[Event, bytes, list[Identifier]]], known_in: dict[Identifier, str]
@@ -430,8 +430,6 @@ class Folder:
                     fold(state, event)
                 item.state = state
             await self._publish(pid, item, events, [], pending=pending, raws=[r for _, r in new_events])
-        # Events must be durable before a snapshot that includes them (a refold reads them back).
-        await asyncio.gather(self.store.write_events(pending.stored, pending.raw), self.emitter.flush())
         await self._commit(pending)
         metrics.PROCESSED.labels("fold", "ok").inc(len(pending.stored))
         now_s = self.clock().timestamp()
@@ -481,7 +479,9 @@ class Folder:
             cause: dict[str, Any] | None = None if cause_event is None else {
                 "messageId": cause_event.message_id, "type": cause_event.type, "event": cause_event.event,
                 "timestamp": iso(to_ms(cause_event.timestamp)), "receivedAt": iso(to_ms(cause_event.received_at)),
-                "source": cause_event.source}
+                "source": cause_event.source,
+                # An update can fold several new events: how many, and when ingest accepted the oldest of them.
+                "events": len(events), "firstReceivedAt": iso(to_ms(min(e.received_at for e in events)))}
             if merges:
                 cause = {"merge": merges[0], **(cause or {})}
             await self.emitter.send(PROFILE_CHANGED, pid, orjson.dumps(
@@ -497,12 +497,14 @@ class Folder:
             await self.store.save(pid, item.state, document, None, now)
 
     async def _commit(self, pending: _Pending) -> None:
-        # The hot copy and snapshots together, and the dedup index last: an event is only marked processed
-        # once its profile snapshot includes it (a late event sorts before the snapshot's last event, so a
-        # restart could not fold it from the store otherwise).
-        await self.emitter.flush()
+        """Every effect of a batch in two rounds: events, downstream messages, snapshots and hot copies together,
+        then the dedup index. An event is only marked processed once its profile snapshot and the event store
+        hold it: a batch cut short before the index is delivered again, and its events, at or before the
+        snapshot's last one, are then refolded from the store plus the redelivered copies."""
         now = self.clock()
         await asyncio.gather(
+            self.store.write_events(pending.stored, pending.raw),
+            self.emitter.flush(),
             self.hot.write(pending.documents, {}) if self.hot is not None else asyncio.sleep(0),
             self.store.save_many([(pid, self.cache[pid].state, self.cache[pid].document)
                                   for pid in pending.snapshots], now))
