@@ -74,6 +74,7 @@ class BatchConsumer:
         self._consumer: AIOKafkaConsumer | None = None
         self.busy = asyncio.Lock()
         self._pending: dict[TopicPartition, int] = {}
+        self._processed: dict[TopicPartition, int] = {}
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.records = 0
@@ -108,6 +109,18 @@ class BatchConsumer:
         if self._consumer is not None:
             await self._consumer.stop()
 
+    def backlog(self) -> int:
+        """Records of the assigned partitions not processed yet, as far as the last fetches tell."""
+        if self._consumer is None:
+            return 0
+        behind = 0
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            done = self._processed.get(tp)
+            if high is not None and done is not None:
+                behind += max(0, high - done)
+        return behind
+
     @staticmethod
     async def _call(hook: Hook | None, partitions: set[TopicPartition]) -> None:
         if hook is None:
@@ -139,7 +152,7 @@ class BatchConsumer:
                 async with self.busy:
                     await self.handler(records)
                     for tp, rs in batches.items():
-                        self._pending[tp] = rs[-1].offset + 1
+                        self._pending[tp] = self._processed[tp] = rs[-1].offset + 1
             except asyncio.CancelledError:
                 raise
             except Exception:

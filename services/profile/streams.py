@@ -11,6 +11,7 @@ service keeps the lighter agents (loyalty) and the tombstone refresh.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,8 @@ from services.profile.processor import Folder, Resolver, Tombstones, segment_mes
 RESOLVE_BATCH = 2000
 FOLD_BATCH = 4000
 MEMBERSHIP_BATCH = 1000
+# The resolver pauses while the folder of the same worker has more than this many records to go.
+FOLD_BACKLOG_MAX = 3 * FOLD_BATCH
 
 
 class Runtime:
@@ -56,7 +59,15 @@ def build_stream_app(settings: Settings, runtime: Runtime) -> faust.App:
 def build_consumers(settings: Settings, runtime: Runtime) -> list[BatchConsumer]:
     group = f"{settings.namespace}-profile"
 
+    fold_consumer: BatchConsumer | None = None
+
     async def resolve(records: Sequence[Record]) -> None:
+        # Back-pressure: while this worker's folder is far behind, resolving more only competes with it for
+        # the CPU (both stages share the process); wait a little for it to catch up.
+        waited = 0.0
+        while fold_consumer is not None and fold_consumer.backlog() > FOLD_BACKLOG_MAX and waited < 5.0:
+            await asyncio.sleep(0.05)
+            waited += 0.05
         started = time.perf_counter()
         await runtime.resolver.resolve_batch(record_values(records))
         metrics.BATCH_SECONDS.labels("resolve").observe(time.perf_counter() - started)
@@ -75,12 +86,13 @@ def build_consumers(settings: Settings, runtime: Runtime) -> list[BatchConsumer]
         # Profiles of moved partitions may now be written by another worker: drop the cached states.
         runtime.folder.forget_all()
 
+    fold_consumer = BatchConsumer(settings, settings.topic(PROFILE_FOLD.name), group_id=f"{group}-fold",
+                                  handler=fold, service="profile", stage="fold", max_records=FOLD_BATCH,
+                                  on_revoked=forget_profiles, on_assigned=forget_profiles)
     return [
         BatchConsumer(settings, settings.topic(EVENTS_RAW.name), group_id=f"{group}-resolve", handler=resolve,
                       service="profile", stage="resolve", max_records=RESOLVE_BATCH),
-        BatchConsumer(settings, settings.topic(PROFILE_FOLD.name), group_id=f"{group}-fold", handler=fold,
-                      service="profile", stage="fold", max_records=FOLD_BATCH,
-                      on_revoked=forget_profiles, on_assigned=forget_profiles),
+        fold_consumer,
         BatchConsumer(settings, settings.topic(SEGMENT_MEMBERSHIP.name), group_id=f"{group}-membership",
                       handler=membership, service="profile", stage="membership", max_records=MEMBERSHIP_BATCH),
     ]

@@ -141,3 +141,16 @@ def test_identifiers_include_order_emails_and_external_ids() -> None:
                               "context": {"externalIds": [{"id": "123", "type": "shopify_customer_id"}]}})
     assert [i.as_text() for i in identifiers_of(e)] == [
         "email:buyer@shop.com", "external:shopify_customer_id:123", "user_id:u9"]
+
+
+def test_loyalty_section_follows_the_ledger_sequence_not_the_event_order() -> None:
+    # One command writes two ledger events at the same instant; their message ids sort against their sequence.
+    earned = ev(9, name="Points Earned", minutes=5, source="loyalty",
+                properties={"points": 50, "balance_after": 50, "lifetime_points": 50, "tier": "Bronze",
+                            "ledger_seq": 1})
+    upgraded = ev(1, name="Tier Changed", minutes=5, source="loyalty",
+                  properties={"points": 0, "balance_after": 50, "lifetime_points": 50, "tier": "Silver",
+                              "ledger_seq": 2})
+    for order in ([earned, upgraded], [upgraded, earned]):
+        loyalty = render(fold_all("p1", order), now=NOW)["loyalty"]
+        assert loyalty["tier"] == "Silver" and loyalty["ledger_seq"] == 2 and loyalty["balance"] == 50

@@ -306,6 +306,14 @@ def _apply_track(state: ProfileState, name: str, props: dict[str, Any], event: E
         state.predictions = predictions
     elif name in LOYALTY_EVENTS:
         loyalty = dict(state.loyalty or {"balance": None, "lifetime_points": None, "tier": None, "expiring": None})
+        # The ledger numbers its events: one command can write several at the same instant, and their event
+        # order then says nothing, so the highest sequence number holds the ledger's state.
+        seq = props.get("ledger_seq")
+        held = loyalty.get("ledger_seq")
+        if isinstance(seq, int) and isinstance(held, int) and seq < held:
+            return
+        if isinstance(seq, int):
+            loyalty["ledger_seq"] = seq
         if "balance_after" in props:
             loyalty["balance"] = props["balance_after"]
         for key in ("lifetime_points", "tier", "expiring"):
