@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from loyalist.events import Event
@@ -117,6 +118,12 @@ def iso(ms: int | None) -> str | None:
     """
     if ms is None:
         return None
+    return _iso(ms)
+
+
+@lru_cache(maxsize=1 << 16)
+def _iso(ms: int) -> str:
+    # Cached: rendering a profile formats the same instants (first seen, last order...) on every update.
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
