@@ -130,15 +130,26 @@ async def execute_writes(session: Session, rows: Sequence[Row], *, concurrency: 
     if len(rows) == 1:
         await execute(session, rows[0][0], rows[0][1])
         return 1
-    batches = write_batches(rows, max_bytes=max_bytes)
     semaphore = asyncio.Semaphore(concurrency)
 
     async def one(batch: BatchStatement) -> None:
         async with semaphore:
             await execute(session, batch)
 
-    await asyncio.gather(*(one(b) for b in batches))
-    return len(batches)
+    # Built and sent a slice at a time: binding thousands of rows is CPU work, and the event loop (HTTP
+    # requests of the same process) must not wait for all of it; the first batches are on the wire meanwhile.
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for start in range(0, len(rows), BATCH_MAX_STATEMENTS):
+            for batch in write_batches(rows[start:start + BATCH_MAX_STATEMENTS], max_bytes=max_bytes):
+                tasks.append(asyncio.ensure_future(one(batch)))
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+    return len(tasks)
 
 
 def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:

@@ -237,6 +237,8 @@ class Resolver:
 
 # ---------------------------------------------------------------------------------------------------------
 RECENT_KEYS = 32
+# Long loops of a batch give the event loop back this often: the API of the same process stays responsive.
+YIELD_EVERY = 200
 
 
 @dataclass
@@ -316,10 +318,12 @@ class Folder:
             except orjson.JSONDecodeError:
                 log.warning("skipping an undecodable fold message")
         groups: dict[str, list[Op]] = {}
-        for op in ops:
+        for index, op in enumerate(ops):
             groups.setdefault(op["profileId"], []).append(op)
             if op["op"] == "event":
                 op["parsed"] = self._decode(op)
+            if index % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)
         # Profiles not cached yet are loaded first: only events at or before a profile's last folded event can
         # have been processed already, so only those are looked up in the dedup index.
         await self._load(list(groups))
@@ -417,7 +421,9 @@ class Folder:
         refold = [pid for pid, new_events in fresh.items()
                   if not self._in_order(self.cache[pid].state, [e for e, _ in new_events])]
         history = dict(zip(refold, await gather_limited(self.store.events(p) for p in refold), strict=True))
-        for pid, new_events in fresh.items():
+        for index, (pid, new_events) in enumerate(fresh.items()):
+            if index % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)
             item = self.cache[pid]
             events = [e for e, _ in new_events]
             item.remember([e.dedup_key for e in events])
