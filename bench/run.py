@@ -106,36 +106,54 @@ async def ingest_phase(settings: Settings, fleet: Fleet, args: argparse.Namespac
     return out
 
 
+async def drain_rates(settings: Settings, prefixes: tuple[str, ...], seconds: float) -> JSON:
+    """Watch the namespace's consumer groups whose name starts with one of ``prefixes`` for up to ``seconds``
+    (or until none is behind) and give each one's rate: records committed per second from its first progress
+    to the moment it caught up (or the window closed)."""
+    def wanted(group: str) -> bool:
+        return any(group.startswith(f"{settings.namespace}-{p}") for p in prefixes)
+
+    samples: list[tuple[float, dict[str, tuple[int, int]]]] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        progress = {g: v for g, v in (await group_progress(settings)).items() if wanted(g)}
+        samples.append((time.monotonic(), progress))
+        if len(samples) > 2 and progress and all(done >= end for done, end in progress.values()):
+            break
+        await asyncio.sleep(1)
+    groups: JSON = {}
+    for group in sorted({g for _, p in samples for g in p}):
+        series = [(t, p[group][0], p[group][1]) for t, p in samples if group in p]
+        first = next((i for i in range(1, len(series)) if series[i][1] > series[0][1]), None)
+        done, end = series[-1][1], series[-1][2]
+        if first is None:
+            groups[group] = {"events_per_s": None, "committed": done, "end": end, "lag": end - done}
+            continue
+        t_start, c_start = series[first - 1][0], series[first - 1][1]
+        last = next((i for i in range(first, len(series)) if series[i][1] >= series[i][2]), len(series) - 1)
+        t_last, c_last = series[last][0], series[last][1]
+        rate = (c_last - c_start) / (t_last - t_start) if t_last > t_start else None
+        groups[group] = {"events_per_s": round(rate, 1) if rate is not None else None, "committed": done,
+                         "end": end, "lag": end - done, "caught_up": series[last][1] >= series[last][2]}
+    return groups
+
+
 async def processor_phase(settings: Settings, fleet: Fleet, args: argparse.Namespace) -> JSON:
-    """Start the processors on the backlog ingest left and read their progress from committed offsets."""
-    names = [n for n in ("profile", "segmenter", "journeys", "notify") if service_exists(n)]
-    if "profile" not in names:
+    """The profile processor alone on the backlog ingest left (each processor's own rate, not shared cores),
+    then the downstream processors on what it emitted; rates from the consumer groups' committed offsets."""
+    if not service_exists("profile"):
         return not_measured("services/profile is not there yet")
-    say(f"processors: starting {', '.join(names)} on a backlog of {await topic_size(settings, 'events.raw')} "
-        f"events, measuring for {args.drain_s}s ...")
-    await asyncio.to_thread(fleet.start, names)
+    say(f"processors: profile alone on a backlog of {await topic_size(settings, 'events.raw')} events, "
+        f"measuring for up to {args.drain_s}s ...")
+    await asyncio.to_thread(fleet.start, ["profile"])
     if "profile" not in fleet.services:
         return not_measured(f"profile did not start: {fleet.failures.get('profile', '')[:400]}")
-    first = await group_progress(settings)
-    t0 = time.monotonic()
-    samples: list[tuple[float, dict[str, tuple[int, int]]]] = [(t0, first)]
-    deadline = t0 + args.drain_s
-    while time.monotonic() < deadline:
-        await asyncio.sleep(2)
-        progress = await group_progress(settings)
-        samples.append((time.monotonic(), progress))
-        behind = {g: end - done for g, (done, end) in progress.items()}
-        if progress and all(v == 0 for v in behind.values()) and len(samples) > 2:
-            break
-    out: JSON = {"groups": {}}
-    t_end, last = samples[-1]
-    for group, (done, end) in last.items():
-        # the rate from the first sample in which the group had committed anything
-        start = next(((t, p[group][0]) for t, p in samples if group in p), (t_end, done))
-        elapsed = t_end - start[0]
-        rate = (done - start[1]) / elapsed if elapsed > 0 else None
-        out["groups"][group] = {"events_per_s": round(rate, 1) if rate is not None else None,
-                                "committed": done, "end": end, "lag": end - done}
+    out: JSON = {"groups": await drain_rates(settings, ("profile",), args.drain_s)}
+    downstream = [n for n in ("segmenter", "journeys", "notify") if service_exists(n)]
+    if downstream:
+        say(f"processors: {', '.join(downstream)} on what profile emitted, measuring for up to {args.drain_s}s ...")
+        await asyncio.to_thread(fleet.start, downstream)
+        out["groups"].update(await drain_rates(settings, tuple(downstream), args.drain_s))
     # The profile processor is two stages: the resolver (events.raw) and the folder (profile.fold); an event is
     # processed once folded, so the folder's rate is the processor's.
     profile_group = f"{settings.namespace}-profile-fold"
@@ -144,7 +162,7 @@ async def processor_phase(settings: Settings, fleet: Fleet, args: argparse.Names
     out["profile_resolve_events_per_s"] = out["groups"].get(f"{settings.namespace}-profile-resolve", {}).get(
         "events_per_s")
     if rate is None:
-        out["note"] = f"no committed offsets seen for group {profile_group}: groups {sorted(last)}"
+        out["note"] = f"no committed offsets seen for group {profile_group}: groups {sorted(out['groups'])}"
     return out
 
 
@@ -368,8 +386,18 @@ def flat_figures(results: JSON) -> JSON:
         "profile_api.p99_ms": get("profile_api", "p99_ms"),
         "profile_api.max_requests_per_s": get("profile_api", "max_requests_per_s"),
         "processor.profile_events_per_s": get("processor", "profile_events_per_s"),
+        "processor.profile_resolve_events_per_s": get("processor", "profile_resolve_events_per_s"),
+        **{f"processor.{stage}_events_per_s": group_rate(results, stage) for stage in ("segmenter", "journeys")},
         "replay.events_per_s": get("replay", "events_per_s"),
     }
+
+
+def group_rate(results: JSON, service: str) -> Any:
+    """The backlog rate of a downstream processor's consumer group(s) (the busiest one)."""
+    groups = (results.get("processor") or {}).get("groups") or {}
+    rates = [g.get("events_per_s") for name, g in groups.items()
+             if name.split("-", 1)[-1].startswith(service) and g.get("events_per_s") is not None]
+    return max(rates) if rates else None
 
 
 def attach_baselines(results: JSON, base: JSON) -> None:
@@ -427,6 +455,9 @@ def render_table(results: JSON) -> str:
     replay_base = (replay.get("baseline") or {}).get("raw_cassandra_writes_per_s")
     for label, key, base_text in (
             ("event → profile p50 ms", "freshness.p50_ms", ""),
+            ("profile resolver events/s (stage 1 of 2)", "processor.profile_resolve_events_per_s", ""),
+            ("segmenter events/s on a backlog", "processor.segmenter_events_per_s", ""),
+            ("journeys events/s on a backlog", "processor.journeys_events_per_s", ""),
             ("profile API max req/s", "profile_api.max_requests_per_s", ""),
             ("replay events/s (rebuild)", "replay.events_per_s",
              f"cassandra {fmt(replay_base)} writes/s" if replay_base else "")):
