@@ -161,9 +161,11 @@ class SteadyLoad:
             self._n += 1
             uid = self.user(i)
             mid = f"{self.prefix}-{i}"
-            if i < self.users:  # everyone is identified (with an email address) first
+            if i < self.users:  # everyone is identified (with an email address) and opts in to marketing first
                 events.append({"type": "identify", "userId": uid, "messageId": mid,
                                "traits": {"email": self.email(i), "first_name": f"Chaos {i}"}})
+                events.append({"type": "track", "event": "Subscribed", "userId": uid, "messageId": f"{mid}-optin",
+                               "properties": {"channel": "email", "category": "marketing"}})
             elif i % 10 == 5:  # a checkout that is never completed: the abandoned-checkout journey reminds once
                 events.append({"type": "track", "event": "Checkout Started", "userId": uid, "messageId": mid,
                                "properties": {"checkout_id": mid, "value": 30.0, "currency": "USD",
@@ -245,15 +247,18 @@ async def read_log(settings: Settings, topic: str = "events.raw", key: str = "me
     return counts
 
 
-async def wait_drained(settings: Settings, timeout_s: float) -> bool:
-    """True once every consumer group of the namespace has committed up to the end of its topics."""
+async def wait_drained(settings: Settings, timeout_s: float) -> dict[str, int]:
+    """Wait until every consumer group of the namespace has committed up to the end of its topics; returns the
+    groups still behind (and by how many records) when ``timeout_s`` ran out, else nothing."""
     deadline = time.monotonic() + timeout_s
+    behind: dict[str, int] = {}
     while time.monotonic() < deadline:
         progress = await group_progress(settings)
-        if all(done >= end for done, end in progress.values()):  # no group at all: nothing to wait for
-            return True
+        behind = {g: end - done for g, (done, end) in progress.items() if done < end}
+        if not behind:  # no group at all: nothing to wait for
+            return {}
         await asyncio.sleep(1)
-    return False
+    return behind
 
 
 class ChaosRun:
@@ -311,9 +316,11 @@ class ChaosRun:
             load.stop()
             await asyncio.wait_for(runner, 120)
         self.report.resends = load.resends
-        if not await wait_drained(self.fleet.settings, self.settle_s):
+        behind = await wait_drained(self.fleet.settings, self.settle_s)
+        if behind:
             self.report.drained = False
-            self.report.notes.append(f"consumer groups still behind {self.settle_s:.0f}s after the load stopped")
+            self.report.notes.append(f"consumer groups still behind {self.settle_s:.0f}s after the load stopped: "
+                                     + ", ".join(f"{g} by {n}" for g, n in sorted(behind.items())))
         await self.verify(load)
         return self.report
 
