@@ -207,14 +207,18 @@ class Fleet:
             svc.kill(hard=False)
 
     def drop(self) -> None:
-        """Remove the namespace's topics and keyspace (after ``stop``)."""
+        """Remove the namespace's topics, keyspace and Redis keys (after ``stop``)."""
         from loyalist.cassandra import drop_keyspace
         from loyalist.kafka import delete_namespace_topics
+        from loyalist.redis import delete_namespace_keys
 
         try:
             drop_keyspace(self.settings)
         finally:
-            asyncio.run(delete_namespace_topics(self.settings))
+            try:
+                asyncio.run(delete_namespace_topics(self.settings))
+            finally:
+                delete_namespace_keys(self.settings)
 
 
 def infra_pids(settings: Settings) -> dict[str, int]:

@@ -349,12 +349,9 @@ def _drop_replay_target(target: Settings) -> None:
     with contextlib.suppress(Exception):
         drop_keyspace(target)
     with contextlib.suppress(Exception):
-        import redis as sync_redis
+        from loyalist.redis import delete_namespace_keys
 
-        client = sync_redis.Redis(host=target.redis_host, port=target.redis_port, db=target.redis_db)
-        for key in client.scan_iter(match=target.redis_key("*"), count=1000):
-            client.delete(key)
-        client.close()
+        delete_namespace_keys(target)
 
 
 def memory_phase(fleets: list[Fleet], base: Settings) -> JSON:

@@ -250,7 +250,9 @@ class Stack:
         data = self.home / "redis"
         data.mkdir(parents=True, exist_ok=True)
         return [exe, "--bind", "127.0.0.1", "--port", str(self.s.redis_port), "--dir", str(data),
-                "--save", "60 1000", "--appendonly", "yes", "--appendfsync", "everysec",
+                # AOF (fsync every second) only: an RDB snapshot forks and copies the whole dataset every minute
+                # under load, which costs a core for seconds on a small machine.
+                "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
                 "--daemonize", "no", "--protected-mode", "yes"]
 
     def _redis_ready(self) -> bool:

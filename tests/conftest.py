@@ -85,9 +85,11 @@ def stack_settings() -> Iterator[Settings]:
     try:
         from loyalist.cassandra import drop_keyspace
         from loyalist.kafka import delete_namespace_topics
+        from loyalist.redis import delete_namespace_keys
 
         drop_keyspace(settings)
         asyncio.run(delete_namespace_topics(settings))
+        delete_namespace_keys(settings)
     finally:
         stop()
 
