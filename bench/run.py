@@ -35,6 +35,8 @@ import orjson
 
 from bench.baselines import measure_all
 from bench.loadgen import percentiles, run_in_process
+from bench.notify import add_arguments as add_notify_arguments
+from bench.notify import notify_phase
 from bench.procs import REPO, Fleet, available_services, infra_pids, rss_bytes, service_exists
 from bench.stream import Tap, group_progress, topic_size
 from loyalist.settings import Settings
@@ -386,6 +388,9 @@ def flat_figures(results: JSON) -> JSON:
         "processor.profile_resolve_events_per_s": get("processor", "profile_resolve_events_per_s"),
         **{f"processor.{stage}_events_per_s": group_rate(results, stage) for stage in ("segmenter", "journeys")},
         "replay.events_per_s": get("replay", "events_per_s"),
+        "notify.messages_per_s": get("notify", "messages_per_s"),
+        "notify.p50_ms": get("notify", "p50_ms"),
+        "notify.p99_ms": get("notify", "p99_ms"),
     }
 
 
@@ -455,12 +460,16 @@ def render_table(results: JSON) -> str:
             ("profile resolver events/s (stage 1 of 2)", "processor.profile_resolve_events_per_s", ""),
             ("segmenter events/s on a backlog", "processor.segmenter_events_per_s", ""),
             ("journeys events/s on a backlog", "processor.journeys_events_per_s", ""),
+            ("notify SMTP path messages/s", "notify.messages_per_s", "private SMTP server"),
+            ("notify request → SMTP server p50 ms", "notify.p50_ms", ""),
+            ("notify request → SMTP server p99 ms", "notify.p99_ms", ""),
             ("profile API max req/s", "profile_api.max_requests_per_s", ""),
             ("replay events/s (rebuild)", "replay.events_per_s",
              f"cassandra {fmt(replay_base)} writes/s" if replay_base else "")):
         value = figs.get(key)
-        note = "" if value is not None else f"not measured: {replay.get('not_measured', '')}"[:140] \
-            if key.startswith("replay") else ""
+        sec = results.get(key.split(".")[0]) or {}
+        why = sec.get("not_measured") or sec.get("note") or ""
+        note = f"not measured: {why}"[:140] if value is None and why else ""
         rows.append((label, fmt(value), base_text, "(no target)", note))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = []
@@ -499,6 +508,11 @@ async def main_async(args: argparse.Namespace) -> JSON:
         await pipeline_phase(fleet_b.settings, fleet_b, args, results)
         results["memory"] = memory_phase([fleet_b], base)
         results["memory"]["after_backlog_rss_mb"] = memory_a["rss_mb"]
+        fleet_b.stop()
+
+        if service_exists("notify"):
+            say("namespace C (notify's SMTP path alone, with a private SMTP server) ...")
+            results["notify"] = await notify_phase(base, args, say)
         attach_baselines(results, baselines)
     finally:
         for fleet in fleets:
@@ -526,6 +540,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-rate", type=int, default=1000)
     p.add_argument("--api-s", type=float, default=10)
     p.add_argument("--replay-timeout-s", type=float, default=180)
+    add_notify_arguments(p)
     p.add_argument("--out", type=Path, default=None, help="JSON file (default .loyalist/bench/latest.json)")
     p.add_argument("--keep", action="store_true", help="keep the bench namespaces (topics, keyspace) for study")
     return p.parse_args(argv)
