@@ -49,12 +49,13 @@ def create_app(settings: Settings | None = None, config: NotifyConfig | None = N
         profiles = ProfileReader(settings, res.redis)
         feedback = Feedback(settings, res.producer, clock)
         instance = config.owner_prefix(settings.notify_port)
+        smtp = SmtpSender(host=settings.smtp_host, port=settings.smtp_port, domain=config.mail_domain,
+                          username=config.smtp_username, password=config.smtp_password,
+                          use_tls=config.smtp_use_tls, start_tls=config.smtp_start_tls,
+                          timeout_s=config.smtp_timeout_s)
         notifier = Notifier(
             settings, config, store, profiles, feedback, links,
-            email=SmtpSender(host=settings.smtp_host, port=settings.smtp_port, domain=config.mail_domain,
-                             username=config.smtp_username, password=config.smtp_password,
-                             use_tls=config.smtp_use_tls, start_tls=config.smtp_start_tls,
-                             timeout_s=config.smtp_timeout_s),
+            email=smtp,
             sms=SmsSender(http, base_url=config.sms_base_url, account_sid=config.sms_account_sid,
                           auth_token=config.sms_auth_token, sender=config.sms_from),
             webhook=WebhookSender(http, key=derive_key(settings.signing_secret, "webhook")),
@@ -68,7 +69,7 @@ def create_app(settings: Settings | None = None, config: NotifyConfig | None = N
                                          clock)
         await consumer.start()
         await scheduler.start()
-        state.update(http=http, consumer=consumer, scheduler=scheduler)
+        state.update(http=http, consumer=consumer, scheduler=scheduler, smtp=smtp)
 
         async def consumer_check() -> bool:
             return bool(consumer.consumer.assignment()) or not consumer.consumer._closed
@@ -83,6 +84,9 @@ def create_app(settings: Settings | None = None, config: NotifyConfig | None = N
         http = state.get("http")
         if isinstance(http, httpx.AsyncClient):
             await http.aclose()
+        smtp_sender = state.get("smtp")
+        if isinstance(smtp_sender, SmtpSender):
+            await smtp_sender.close()
 
     resources = Resources(settings, "notify", cassandra=True, redis=True, producer=True, on_start=on_start,
                           on_stop=on_stop)

@@ -3,7 +3,10 @@ RFC 2369 / RFC 8058 unsubscribe headers that mailbox providers require for bulk 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email.utils
+import time
 from dataclasses import dataclass
 from email.message import EmailMessage
 
@@ -47,9 +50,17 @@ def build_mime(mail: OutgoingEmail, domain: str) -> EmailMessage:
 
 
 class SmtpSender:
+    """Sends over a small pool of persistent SMTP connections: a connection (TCP, greeting, EHLO, TLS, login)
+    costs several round trips, and opening one per message limited a notify process to tens of emails a second.
+
+    A connection that sat idle longer than ``idle_s`` is closed rather than reused (servers drop idle clients),
+    and one that turns out to be closed when a message starts is replaced once; any other failure closes it and
+    is reported as before (transient or permanent), so the delivery log's retry logic is unchanged.
+    """
+
     def __init__(self, *, host: str, port: int, domain: str, username: str | None = None,
                  password: str | None = None, use_tls: bool = False, start_tls: bool = False,
-                 timeout_s: float = 20.0) -> None:
+                 timeout_s: float = 20.0, pool_size: int = 8, idle_s: float = 30.0) -> None:
         self.host = host
         self.port = port
         self.domain = domain
@@ -58,27 +69,81 @@ class SmtpSender:
         self.use_tls = use_tls
         self.start_tls = start_tls
         self.timeout_s = timeout_s
+        self.pool_size = pool_size
+        self.idle_s = idle_s
+        self._idle: list[tuple[float, aiosmtplib.SMTP]] = []
+        self._slots: asyncio.Semaphore | None = None
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        # local_hostname: aiosmtplib would otherwise resolve this machine's FQDN for every EHLO.
+        client = aiosmtplib.SMTP(hostname=self.host, port=self.port, use_tls=self.use_tls,
+                                 start_tls=self.start_tls if self.start_tls else None, timeout=self.timeout_s,
+                                 local_hostname=self.domain)
+        await client.connect()
+        if self.username:
+            await client.login(self.username, self.password or "")
+        return client
+
+    def _take_idle(self) -> aiosmtplib.SMTP | None:
+        now = time.monotonic()
+        while self._idle:
+            since, client = self._idle.pop()
+            if now - since < self.idle_s and client.is_connected:
+                return client
+            client.close()
+        return None
+
+    async def close(self) -> None:
+        while self._idle:
+            _, client = self._idle.pop()
+            with contextlib.suppress(Exception):
+                await client.quit()
 
     async def send(self, mail: OutgoingEmail) -> Delivered:
         msg = build_mime(mail, self.domain)
-        try:
-            errors, response = await aiosmtplib.send(
-                msg, hostname=self.host, port=self.port, username=self.username, password=self.password,
-                use_tls=self.use_tls, start_tls=self.start_tls if self.start_tls else None, timeout=self.timeout_s,
-            )
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            refusals = exc.recipients
-            code = refusals[0].code if refusals else 550
-            detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in refusals)
-            if 400 <= code < 500:
-                raise DeliveryError("smtp_recipient_deferred", detail, permanent=False) from exc
-            raise DeliveryError("hard_bounce", detail, permanent=True, bounce=True) from exc
-        except aiosmtplib.SMTPResponseException as exc:
-            permanent = exc.code >= 500
-            raise DeliveryError(f"smtp_{exc.code}", exc.message, permanent=permanent) from exc
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            raise DeliveryError("smtp_unavailable", f"{type(exc).__name__}: {exc}", permanent=False) from exc
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.pool_size)
+        async with self._slots:
+            client = self._take_idle()
+            reused = client is not None
+            try:
+                if client is None:
+                    client = await self._connect()
+                try:
+                    errors, response = await client.send_message(msg)
+                except aiosmtplib.SMTPServerDisconnected:
+                    if not reused:
+                        raise
+                    # The server had closed the idle connection before this message began: a fresh one.
+                    client.close()
+                    client = await self._connect()
+                    errors, response = await client.send_message(msg)
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                self._discard(client)
+                refusals = exc.recipients
+                code = refusals[0].code if refusals else 550
+                detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in refusals)
+                if 400 <= code < 500:
+                    raise DeliveryError("smtp_recipient_deferred", detail, permanent=False) from exc
+                raise DeliveryError("hard_bounce", detail, permanent=True, bounce=True) from exc
+            except aiosmtplib.SMTPResponseException as exc:
+                self._discard(client)
+                permanent = exc.code >= 500
+                raise DeliveryError(f"smtp_{exc.code}", exc.message, permanent=permanent) from exc
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                self._discard(client)
+                raise DeliveryError("smtp_unavailable", f"{type(exc).__name__}: {exc}", permanent=False) from exc
+            self._release(client)
         if errors:
             detail = "; ".join(f"{rcpt}: {resp.code} {resp.message}" for rcpt, resp in errors.items())
             raise DeliveryError("hard_bounce", detail, permanent=True, bounce=True)
         return Delivered(provider_id=str(msg["Message-ID"]), response=response)
+
+    def _release(self, client: aiosmtplib.SMTP | None) -> None:
+        if client is not None and client.is_connected:
+            self._idle.append((time.monotonic(), client))
+
+    @staticmethod
+    def _discard(client: aiosmtplib.SMTP | None) -> None:
+        if client is not None:
+            client.close()

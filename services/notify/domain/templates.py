@@ -23,6 +23,7 @@ import html as html_lib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta
@@ -164,10 +165,16 @@ def sample_context(template: Template) -> dict[str, Any]:
                          "https://notify.example/u/sample-token", "msg_sample")
 
 
+@lru_cache(maxsize=2048)
+def _compiled(source: str, html_field: bool) -> Any:
+    """A template field compiled once (compiling costs far more than rendering); sources are the cache keys,
+    so an edited template is simply a new entry."""
+    return (_HTML_ENV if html_field else _TEXT_ENV).from_string(source)
+
+
 def _render_field(name: str, source: str, context: Mapping[str, Any], html_field: bool) -> str:
-    env = _HTML_ENV if html_field else _TEXT_ENV
     try:
-        return env.from_string(source).render(context)
+        return str(_compiled(source, html_field).render(context))
     except TemplateSyntaxError as exc:
         raise RenderError(name, "syntax", f"line {exc.lineno}: {exc.message}") from exc
     except UndefinedError as exc:
