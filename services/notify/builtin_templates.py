@@ -18,12 +18,15 @@ profile.cart else {}) %}{% set items = data['items'] if data['items'] is defined
 cart['items'] is defined else []) %}{% set recovery_url = data.recovery_url if data.recovery_url is defined else \
 (cart.recovery_url if cart.recovery_url is defined else '#') %}{% set currency = data.currency if \
 data.currency is defined else (cart.currency if cart.currency is defined else 'USD') %}"""
-_ITEMS_HTML = _CART + """{% for item in items %}
-<table><tr><td><img src="{{ item.image_url }}" alt="{{ item.name }}" width="96"></td>
-<td>{{ item.name }}<br>{{ item.quantity }} &times; {{ item.price|money(currency) }}</td></tr></table>
-{% endfor %}"""
-_ITEMS_TEXT = _CART + """{% for item in items %}- {{ item.name }} x{{ item.quantity }} {{ item.price|money(currency) }}
-{% endfor %}"""
+# Shops send whatever line-item fields they have: only the price is needed, the rest falls back.
+_ITEM_NAME = "{{ item.name|default(item.sku|default(item.product_id|default('Item'))) }}"
+_ITEM_IMAGE = ('{% if item.image_url is defined and item.image_url %}<img src="{{ item.image_url }}" alt="'
+               + _ITEM_NAME + '" width="96">{% endif %}')
+_ITEM_PRICE = "{{ item.quantity|default(1) }} &times; {{ item.price|default(0)|money(currency) }}"
+_ITEMS_HTML = (_CART + "{% for item in items %}\n<table><tr><td>" + _ITEM_IMAGE + "</td>\n<td>" + _ITEM_NAME
+               + "<br>" + _ITEM_PRICE + "</td></tr></table>\n{% endfor %}")
+_ITEMS_TEXT = (_CART + "{% for item in items %}- " + _ITEM_NAME
+               + " x{{ item.quantity|default(1) }} {{ item.price|default(0)|money(currency) }}\n{% endfor %}")
 _POINTS = "{{ data.points|default(profile.loyalty.balance if profile.loyalty is defined and profile.loyalty else 0) }}"
 _RECS_HTML = """{% if recommendations %}<h3>You might also like</h3>{% for r in recommendations %}
 <p><a href="{{ r.url|default('#') }}">{{ r.name }}</a> {{ r.price|money }}</p>{% endfor %}{% endif %}"""

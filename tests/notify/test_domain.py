@@ -91,6 +91,19 @@ def test_template_renders_cart_items_and_escapes_html() -> None:
     assert "€12.50" in out.html and "- <b>Mug</b> x2 €12.50" in out.text and "https://u/x" in out.text
 
 
+def test_cart_templates_take_line_items_with_only_some_fields() -> None:
+    # A checkout from the shop platform or the tracker may carry no image, no name, no quantity.
+    data = {"items": [{"product_id": "p1", "sku": "SKU-1", "price": 42.0},
+                      {"product_id": "p2", "price": 3.0, "quantity": 2}, {"name": "Gift card"}],
+            "recovery_url": "https://shop/r/2", "currency": "USD"}
+    cart_templates = [t for t in BUILTIN_TEMPLATES if "{% for item in items %}" in t.text]
+    assert cart_templates
+    for t in cart_templates:
+        out = render(t, build_context({"traits": {"first_name": "Ada"}}, data, "https://u/y"))
+        assert "<img" not in out.html
+        assert "- SKU-1 x1 $42.00" in out.text and "- p2 x2 $3.00" in out.text and "- Gift card x1" in out.text
+
+
 @pytest.mark.parametrize(("field", "source", "kind"), [
     ("subject", "{{ profile.nickname }}", "undefined"),
     ("subject", "{{ data.coupon }}", "undefined"),
