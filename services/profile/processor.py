@@ -327,6 +327,14 @@ class Folder:
         # Profiles not cached yet are loaded first: only events at or before a profile's last folded event can
         # have been processed already, so only those are looked up in the dedup index.
         await self._load(list(groups))
+        # Segment memberships touch only the profile's segment list: all of the batch's at once, first.
+        # (Profiles with a merge or erasure in the batch keep every operation in order on the slow path.)
+        plain = {pid for pid, group in groups.items() if all(o["op"] in ("event", "segment") for o in group)}
+        memberships = [(pid, op) for pid in plain for op in groups[pid] if op["op"] == "segment"]
+        if memberships:
+            await self._apply_segments(memberships)
+            groups = {pid: rest for pid, group in groups.items()
+                      if (rest := [op for op in group if pid not in plain or op["op"] != "segment"])}
         candidates = {pid: [o["parsed"] for o in group if o.get("parsed") is not None]
                       for pid, group in groups.items() if self.cache[pid].merged_into is None}
         done = await self.store.existing_event_keys(self._maybe_done(candidates))
@@ -602,6 +610,36 @@ class Folder:
         metrics.ERASURES.inc()
 
     # ---- segment membership ------------------------------------------------------------------------
+    async def _apply_segments(self, memberships: Sequence[tuple[str, Op]]) -> None:
+        """Membership changes of many profiles: the newest change per segment wins (older messages are ignored),
+        written in one round of writes with the updated documents."""
+        rows: list[tuple[str, str, str | None, bool, int]] = []
+        changed: dict[str, Loaded] = {}
+        for pid, op in memberships:
+            item = self.cache[pid]
+            if item.merged_into or item.state is None:
+                continue  # merged or erased profiles have no segments; the segmenter learns it from profile.changed
+            at_ms = int(op["atMs"])
+            segment_id = str(op["segmentId"])
+            member = op["change"] == "entered"
+            previous = item.segments.get(segment_id)
+            if previous is not None and previous[1] > at_ms:
+                continue  # an older message than what we hold
+            item.segments[segment_id] = (member, at_ms)
+            rows.append((pid, segment_id, op.get("segmentName"), member, at_ms))
+            changed[pid] = item
+        if not rows:
+            return
+        documents: dict[str, dict[str, Any]] = {}
+        for pid, item in changed.items():
+            if item.document is not None:
+                item.document = {**item.document, "segments": item.segment_ids()}
+                documents[pid] = item.document
+        await asyncio.gather(
+            self.store.upsert_segments(rows),
+            self.hot.write(documents, {}) if self.hot is not None and documents else asyncio.sleep(0),
+            self.store.save_many([(pid, item.state, item.document) for pid, item in changed.items()], self.clock()))
+
     async def _segment(self, pid: str, item: Loaded, op: Op) -> None:
         if item.merged_into or item.state is None:
             return  # merged or erased profiles have no segments; the segmenter learns it from profile.changed

@@ -347,6 +347,10 @@ class ProfileStore:
                              at: datetime) -> None:
         await self._run("segment_upsert", self._upsert_segment, (profile_id, segment_id, name, member, at))
 
+    async def upsert_segments(self, rows: Sequence[tuple[str, str, str | None, bool, int]]) -> None:
+        """(profile id, segment id, segment name, member, changed at ms) rows, in few requests."""
+        await self._write("segment_upsert", [(self._upsert_segment, row) for row in rows])
+
     async def delete_segments(self, profile_id: str) -> None:
         await self._run("segments_delete", self._delete_segments, (profile_id,))
 
