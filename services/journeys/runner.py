@@ -206,7 +206,10 @@ class JourneyRunner:
         attempt = 0
         while True:
             try:
-                await asyncio.gather(*(self._profile(pid, items) for pid, items in per_profile.items()))
+                # The instances of every profile of the batch, read together (a request per 100 profiles).
+                instances = await self.instances.for_profiles(list(per_profile)) if per_profile else {}
+                await asyncio.gather(*(self._profile(pid, items, instances[pid])
+                                       for pid, items in per_profile.items()))
                 return
             except Exception as exc:  # the batch is retried: every effect is idempotent
                 attempt += 1
@@ -223,9 +226,8 @@ class JourneyRunner:
         doc = orjson.loads(raw)
         return doc if isinstance(doc, dict) else None
 
-    async def _profile(self, profile_id: str, items: list[Work]) -> None:
+    async def _profile(self, profile_id: str, items: list[Work], instances: list[Instance]) -> None:
         async with self._limit:
-            instances = await self.instances.for_profile(profile_id)
             profile: list[dict[str, Any] | None] = []  # read from Redis once, and only when a step needs it
 
             async def load_profile() -> dict[str, Any] | None:
