@@ -402,3 +402,19 @@ def test_history_says_what_happened_and_why() -> None:
     assert whats == [("wait", "entered"), ("wait", "waiting"), ("wait", "timed_out"),
                      ("remind", "message_requested"), ("done", "completed")]
     assert "Checkout Started" in fired.history[0].why
+
+
+def test_points_expiring_reads_the_profiles_expiring_list() -> None:
+    from services.journeys.domain.conditions import resolve
+    from services.journeys.domain.templates import build_template
+
+    body = build_template("points_expiring", None)
+    nodes = {n["id"]: n for n in body["nodes"]}
+    # loyalty.expiring as the profile service writes it: points by expiry instant, soonest first.
+    context = {"profile": {"loyalty": {"balance": 120, "expiring": [
+        {"points": 80, "expires_at": "2027-01-31T00:00:00Z"}, {"points": 40, "expires_at": "2027-03-31T00:00:00Z"}]}}}
+    assert resolve(nodes["has_expiry"]["if"]["field"], context) == "2027-01-31T00:00:00Z"
+    assert resolve(nodes["wait"]["until_date"], context) == "2027-01-31T00:00:00Z"
+    points, expires = nodes["remind"]["data"]["points"], nodes["remind"]["data"]["expires_at"]
+    assert resolve(points[1:].split("|")[0], context) == 80
+    assert resolve(expires[1:], context) == "2027-01-31T00:00:00Z"

@@ -203,21 +203,23 @@ def _birthday(p: Mapping[str, Any]) -> dict[str, Any]:
 def _points_expiring(p: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "name": "Points expiring",
-        "description": "Reminds members before their loyalty points expire (profile.loyalty.expiring.at).",
+        "description": "Reminds members before their loyalty points expire (profile.loyalty.expiring.0.expires_at).",
         "entry": {"type": "event", "event": "Points Earned"},
         "reentry": {"policy": "cooldown", "cooldown": p["cooldown"]},
         "start": "has_expiry",
         "nodes": [
+            # loyalty.expiring lists the points to expire by instant, soonest first.
             {"id": "has_expiry", "type": "condition",
-             "if": {"field": "profile.loyalty.expiring.at", "op": "exists"}, "next": "wait", "else_next": "done"},
-            {"id": "wait", "type": "delay", "until_date": "profile.loyalty.expiring.at",
+             "if": {"field": "profile.loyalty.expiring.0.expires_at", "op": "exists"}, "next": "wait",
+             "else_next": "done"},
+            {"id": "wait", "type": "delay", "until_date": "profile.loyalty.expiring.0.expires_at",
              "offset": "-" + p["remind_before"], "next": "still_has_points"},
             {"id": "still_has_points", "type": "condition",
              "if": {"field": "profile.loyalty.balance", "op": "gt", "value": 0}, "next": "remind",
              "else_next": "done"},
             {"id": "remind", "type": "send", "channel": "email", "template": "points_expiring",
-             "data": {"points": "$profile.loyalty.expiring.points|profile.loyalty.balance",
-                      "expires_at": "$profile.loyalty.expiring.at"}, "next": "done"},
+             "data": {"points": "$profile.loyalty.expiring.0.points|profile.loyalty.balance",
+                      "expires_at": "$profile.loyalty.expiring.0.expires_at"}, "next": "done"},
             {"id": "done", "type": "exit"},
         ],
         "exit_rules": [{"type": "unsubscribed"}],
