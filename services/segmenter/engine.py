@@ -201,6 +201,61 @@ class SegmenterEngine:
                 await self.write_predictions(profile_id, {"churn_probability": round(probability, 4)},
                                              f"churn-v{self.churn.churn_version}")
 
+    async def on_events_resolved(self, messages: Sequence[dict[str, Any]]) -> None:
+        """A batch of ``events.resolved``: the events and orders of every run of messages between merges are
+        stored with one round of writes, then the profiles whose event-based rules may change are decided
+        (one customer's in order, customers concurrently). The same effects as one message at a time."""
+        run: list[tuple[str, Event]] = []
+        for message in messages:
+            if isinstance(message.get("merge"), dict):
+                await self._store_and_decide(run)
+                run = []
+                await self.on_event_resolved(message)
+                continue
+            profile_id = message.get("profileId")
+            raw_event = message.get("event")
+            if not isinstance(profile_id, str) or not isinstance(raw_event, dict):
+                metrics.INPUTS.labels("events.resolved", "invalid").inc()
+                continue
+            try:
+                event = decode_event(raw_event)
+            except ValueError:
+                metrics.INPUTS.labels("events.resolved", "invalid").inc()
+                continue
+            if event.type != "track" or not event.event:
+                metrics.INPUTS.labels("events.resolved", "ignored").inc()
+                continue
+            run.append((profile_id, event))
+        await self._store_and_decide(run)
+
+    async def _store_and_decide(self, run: Sequence[tuple[str, Event]]) -> None:
+        if not run:
+            return
+        records = [(pid, EventRecord(e.event or "", e.timestamp, e.properties, e.message_id)) for pid, e in run]
+        orders = []
+        for pid, e in run:
+            if e.event == ORDER_EVENT:
+                products = order_products(e.properties)
+                orders.append((pid, e.timestamp, e.message_id, order_amount(e.properties), products))
+        await self.store.add_many(records, self.config.event_retention_days * 86400, orders)
+        for pid, _ts, message_id, _amount, products in orders:
+            self.copurchases.add_order(pid, message_id, products)
+        # The latest event of each profile that an event-based rule looks at decides (its facts hold every
+        # event of the run, which is stored by now).
+        deciding: dict[str, Event] = {pid: e for pid, e in run if e.event in self.event_names}
+
+        async def decide(profile_id: str, event: Event) -> None:
+            async with self.lock(profile_id):
+                stored = await self.store.profile(profile_id)
+                if stored is not None and not stored.deleted:
+                    facts = CustomerFacts(stored.document, await self._events(profile_id), stored.won_back_at,
+                                          stored.predictions)
+                    await self._decide_and_apply(profile_id, facts, f"event ({event.event})",
+                                                 iso(event.received_at), stored.next_evaluation_at)
+
+        await asyncio.gather(*(decide(pid, e) for pid, e in deciding.items()))
+        metrics.INPUTS.labels("events.resolved", "processed").inc(len(run))
+
     async def on_event_resolved(self, message: dict[str, Any]) -> None:
         merge = message.get("merge")
         if isinstance(merge, dict):
@@ -298,8 +353,14 @@ class SegmenterEngine:
             changes.append((t.segment_id, t.change == "entered", seq, transition_id, raw.decode()))
             payloads.append((transition_id, raw))
         await self.store.record_transitions(profile_id, changes, at)
-        for transition_id, raw in payloads:
-            await self._send_membership(profile_id, transition_id, raw)
+        # All of the profile's changes on the wire together (one partition: their order holds), then their
+        # outbox rows cleared in one request.
+        futures = [await self.producer.send(self.membership_topic, raw, key=profile_id.encode())
+                   for _, raw in payloads]
+        await asyncio.gather(*futures)
+        for t in transitions:
+            metrics.MEMBERSHIP_CHANGES.labels(t.change).inc()
+        await self.store.outbox_done_many([transition_id for transition_id, _ in payloads])
 
     async def _send_membership(self, profile_id: str, transition_id: str, raw: bytes) -> None:
         await self.producer.send_and_wait(self.membership_topic, raw, key=profile_id.encode())

@@ -12,7 +12,7 @@ import orjson
 from cassandra.cluster import Session
 from cassandra.query import BatchStatement, BatchType, SimpleStatement
 
-from loyalist.cassandra import execute
+from loyalist.cassandra import Row, execute, execute_writes
 from services.segmenter.domain.rules import EventRecord
 
 SCHEDULE_SHARDS = 16
@@ -73,6 +73,9 @@ class SegmenterStore:
         self._delete_events = p("DELETE FROM seg_events WHERE profile_id = ?")
         self._put_order = p("INSERT INTO seg_orders (profile_id, ts, message_id, amount, products) VALUES (?,?,?,?,?)")
         self._get_orders = p("SELECT ts, message_id, amount, products FROM seg_orders WHERE profile_id = ?")
+        self._add_observation = p("INSERT INTO seg_churn_pending (profile_id, observed_at, features, prediction) "
+                                  "VALUES (?, ?, ?, ?)")
+        self._get_observations = p("SELECT * FROM seg_churn_pending WHERE profile_id = ?")
         self._get_memberships = p("SELECT segment_id, member, seq FROM seg_memberships WHERE profile_id = ?")
         self._put_membership = p(
             "INSERT INTO seg_memberships (profile_id, segment_id, member, changed_at, seq) VALUES (?,?,?,?,?)")
@@ -137,6 +140,15 @@ class SegmenterStore:
             profile_id, event.timestamp, event.message_id, event.name,
             orjson.dumps(event.properties).decode(), ttl_s))
 
+    async def add_many(self, events: Sequence[tuple[str, EventRecord]], ttl_s: int,
+                       orders: Sequence[tuple[str, datetime, str, float, Sequence[str]]]) -> None:
+        """The events (and orders) of a whole input batch in few requests: idempotent upserts."""
+        rows: list[Row] = [
+            (self._put_event, (pid, e.timestamp, e.message_id, e.name, orjson.dumps(e.properties).decode(), ttl_s))
+            for pid, e in events]
+        rows += [(self._put_order, (pid, ts, mid, amount, list(products))) for pid, ts, mid, amount, products in orders]
+        await execute_writes(self.s, rows)
+
     async def events(self, profile_id: str, limit: int = 5000) -> list[EventRecord]:
         rows = await execute(self.s, self._get_events, (profile_id, limit))
         return [EventRecord(r["name"], _utc(r["ts"]) or datetime.now(UTC),
@@ -196,6 +208,9 @@ class SegmenterStore:
 
     async def outbox_done(self, transition_id: str) -> None:
         await execute(self.s, self._del_outbox, (OUTBOX_SHARD, transition_id))
+
+    async def outbox_done_many(self, transition_ids: Sequence[str]) -> None:
+        await execute_writes(self.s, [(self._del_outbox, (OUTBOX_SHARD, t)) for t in transition_ids])
 
     async def members(self, segment_id: str, after: str, limit: int) -> list[dict[str, Any]]:
         return await execute(self.s, self._members_page, (segment_id, after, limit))
@@ -269,12 +284,13 @@ class SegmenterStore:
     # ---- churn observations awaiting labels ------------------------------------------------------
     async def add_observation(self, profile_id: str, observed_at: datetime, features: dict[str, float],
                               prediction: float) -> None:
-        await execute(self.s, "INSERT INTO seg_churn_pending (profile_id, observed_at, features, prediction) "
-                              "VALUES (%s, %s, %s, %s)",
+        # Prepared: this runs for every profile update (an unprepared statement is parsed by the server and
+        # encoded by the driver every time).
+        await execute(self.s, self._add_observation,
                       (profile_id, observed_at, orjson.dumps(features).decode(), prediction))
 
     async def observations(self, profile_id: str) -> list[dict[str, Any]]:
-        rows = await execute(self.s, "SELECT * FROM seg_churn_pending WHERE profile_id = %s", (profile_id,))
+        rows = await execute(self.s, self._get_observations, (profile_id,))
         return [self._observation_row(r) for r in rows]
 
     @staticmethod

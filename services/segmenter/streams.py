@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import faust
@@ -25,6 +26,7 @@ from services.segmenter.engine import SegmenterEngine
 log = logging.getLogger(__name__)
 
 BATCH = 200
+RESOLVED_BATCH = 2000
 WITHIN_S = 0.05
 
 
@@ -75,14 +77,18 @@ def build_stream_app(settings: Settings, get_engine: Callable[[], SegmenterEngin
 
     @app.agent(resolved)
     async def events_resolved(stream: Any) -> None:
-        async for events in stream.take_events(BATCH, within=WITHIN_S):
-            async def handle(event: Any) -> None:
-                with _timer("events_resolved"):
-                    message = orjson.loads(event.value)
-                    await _retrying(lambda: get_engine().on_event_resolved(message), "events.resolved")
-                STREAM_PROCESSED.labels("segmenter", "events_resolved", "ok").inc()
-
-            await _by_customer(list(events), handle)
+        # The whole batch at once: its events are stored with one round of writes (most of them only feed
+        # event-based rules and the co-purchase model), then the profiles they may move are decided.
+        async for values in stream.take(RESOLVED_BATCH, within=WITHIN_S):
+            messages = []
+            for value in values:
+                try:
+                    messages.append(orjson.loads(value))
+                except orjson.JSONDecodeError:
+                    STREAM_PROCESSED.labels("segmenter", "events_resolved", "invalid").inc()
+            with _timer("events_resolved"):
+                await _retrying(partial(get_engine().on_events_resolved, messages), "events.resolved")
+            STREAM_PROCESSED.labels("segmenter", "events_resolved", "ok").inc(len(messages))
 
     return app
 
