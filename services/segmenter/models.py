@@ -57,6 +57,8 @@ class ModelRuntime:
         self._queue: dict[tuple[str, datetime], tuple[Observation, int]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = asyncio.Event()
+        # profile id -> when its latest pending churn observation was taken (what the store would say)
+        self._latest_observed: dict[str, datetime] = {}
 
     async def start(self) -> None:
         latest = await self.store.latest_model(CHURN)
@@ -90,6 +92,11 @@ class ModelRuntime:
         now = _ms(datetime.now(UTC))
         last_order = parse_datetime(document.get("last_order_at"))
         ordered = last_order is not None and last_order != parse_datetime(old_document.get("last_order_at"))
+        interval = timedelta(days=self.config.churn_observation_interval_days)
+        recent = self._latest_observed.get(profile_id)
+        if not ordered and recent is not None and now - recent < interval:
+            # Nothing to label and observed lately: most profile updates end here, without a store round trip.
+            return self.churn.observe(profile_id, document, now).prediction
         pending = await self.store.observations(profile_id)
         if ordered and pending:
             observations = [Observation(p["profile_id"], p["observed_at"], p["features"], p["prediction"])
@@ -99,10 +106,17 @@ class ModelRuntime:
                 self._queue[(obs.profile_id, obs.observed_at)] = (obs, label)
         observation = self.churn.observe(profile_id, document, now)
         latest = max((p["observed_at"] for p in pending), default=None)
-        interval = timedelta(days=self.config.churn_observation_interval_days)
         if ordered or latest is None or now - latest >= interval:
             await self.store.add_observation(profile_id, now, observation.features, observation.prediction)
+            latest = now
+        self._remember_observed(profile_id, latest)
         return observation.prediction
+
+    def _remember_observed(self, profile_id: str, at: datetime) -> None:
+        # Bounded: a forgotten profile only costs one store read on its next update.
+        if len(self._latest_observed) >= 500_000:
+            self._latest_observed.clear()
+        self._latest_observed[profile_id] = at
 
     async def learn_pending(self) -> int:
         """Label the observations whose window passed with no order, then learn every queued label as one
