@@ -1,5 +1,5 @@
 """Wiring of the journeys service: settings → adapters (Cassandra stores, Redis profiles, Kafka producer) →
-the engine runner, timer poller and faust agent → the API."""
+the engine runner, timer poller and batch consumer → the API."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from services.journeys.gauges import publish_stats
 from services.journeys.history import EventHistory
 from services.journeys.runner import JourneyRunner, Registry
 from services.journeys.store import InstanceStore, JourneyStore, TimerStore
-from services.journeys.streams import RunnerHolder, build_stream_app, owned_partitions
+from services.journeys.streams import RunnerHolder, build_consumer
 from services.journeys.timers import TimerPoller
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ STATS_REFRESH_S = 30.0
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     holder = RunnerHolder()
-    stream_app = build_stream_app(settings, holder)
+    consumer = build_consumer(settings, holder)
     timers_topic = settings.topic(JOURNEY_TIMERS.name)
     background: dict[str, object] = {}
 
@@ -58,8 +58,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         holder.runner = JourneyRunner(settings, producer=resources.producer, redis=resources.redis,
                                       registry=registry, instances=instance_store, timers=timer_store)
         poller = TimerPoller(timer_store, resources.producer, timers_topic,
-                             lambda: owned_partitions(stream_app, timers_topic))
+                             lambda: consumer.owned(timers_topic))
         poller.start()
+        await consumer.start()
         app.state.journey_store = journey_store
         app.state.instance_store = instance_store
         app.state.registry = registry
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         background["gauges"] = asyncio.create_task(refresh_gauges(), name="journey-gauges")
 
     async def on_stop(resources: Resources, app: FastAPI) -> None:
+        await consumer.stop()
         poller = background.get("poller")
         if isinstance(poller, TimerPoller):
             await poller.stop()
@@ -88,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    resources = Resources(settings, "journeys", cassandra=True, redis=True, producer=True, stream_app=stream_app,
+    resources = Resources(settings, "journeys", cassandra=True, redis=True, producer=True,
                           on_start=on_start, on_stop=on_stop)
     app = create_service_app("journeys", title="Loyalist journeys", description=DESCRIPTION,
                              lifespan=resources.lifespan)

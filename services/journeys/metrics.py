@@ -22,6 +22,8 @@ TIMERS_FIRED = Counter("loyalist_journey_timers_fired_total", "Timer wake-ups pr
 TIMER_LATENESS = Histogram("loyalist_journey_timer_lateness_seconds", "Timer processed after its due time",
                            buckets=LATENCY_BUCKETS)
 TRIGGERS = Counter("loyalist_journey_triggers_total", "Records consumed by the engine", ["topic", "outcome"])
+SKIPPED = Counter("loyalist_journey_records_skipped_total",
+                  "Records dropped before any read: no journey reacts to their event, segment or profile change")
 BATCH_ERRORS = Counter("loyalist_journey_batch_errors_total", "Engine batches retried after an error", ["reason"])
 
 # Gauges refreshed from stored instance states (the source of truth), per journey and node.

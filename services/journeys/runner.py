@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
 from loyalist.events import Event, decode_event, encode_event
+from loyalist.kafka import produce_many
 from loyalist.settings import Settings
 from loyalist.topics import (
     EVENTS_RAW,
@@ -40,12 +41,14 @@ from services.journeys.domain.engine import (
     EmitEvent,
     EventTrigger,
     Instance,
+    Interest,
     ScheduleTimer,
     SegmentTrigger,
     SendMessage,
     TimerTrigger,
     decide,
     decide_entry,
+    interest_of,
     next_date_occurrence,
 )
 from services.journeys.store import InstanceStore, JourneyRow, JourneyStore, TimerStore
@@ -149,10 +152,14 @@ class JourneyRunner:
         self.t_changed = settings.topic(PROFILE_CHANGED.name)
         self.t_requests = settings.topic(MESSAGE_REQUESTS.name)
         self.t_raw = settings.topic(EVENTS_RAW.name)
+        self._interest: Interest | None = None
+        self._interest_key: tuple[tuple[str, int], ...] = ()
 
     # ---- decoding -------------------------------------------------------------------------------------------
 
-    def decode(self, record: Record) -> Work | None:
+    def decode(self, record: Record, interest: Interest | None = None) -> Work | None:
+        """The record as work for its customer; None when it is invalid or, given ``interest`` (what the
+        journeys react to at all), cannot concern any journey: those cost a JSON parse and nothing else."""
         try:
             doc = orjson.loads(record.value)
         except orjson.JSONDecodeError:
@@ -165,16 +172,24 @@ class JourneyRunner:
         pid = str(doc["profileId"])
         try:
             if record.topic == self.t_resolved:
-                if "event" not in doc:
+                raw = doc.get("event")
+                if raw is None:
                     return None  # a merge notice: instances stay with the profile that owns them
-                event = decode_event(doc["event"])
+                if interest is not None and isinstance(raw, dict):
+                    name = raw.get("event") if raw.get("type") == "track" and raw.get("event") else raw.get("type")
+                    if name not in interest.events:
+                        return None
+                event = decode_event(raw)
                 return Work(pid, _event_trigger(event), topic="resolved")
             if record.topic == self.t_membership:
-                at = _time(doc.get("at")) or self.clock()
                 change = doc.get("change")
                 if change not in ("entered", "exited"):
                     return None
-                return Work(pid, SegmentTrigger(str(doc.get("segmentId")), change, at,
+                segment_id = str(doc.get("segmentId"))
+                if interest is not None and segment_id not in interest.segments:
+                    return None
+                at = _time(doc.get("at")) or self.clock()
+                return Work(pid, SegmentTrigger(segment_id, change, at,
                                                 _time(doc.get("eventAcceptedAt"))), topic="membership")
             if record.topic == self.t_timers:
                 due = _time(doc.get("due")) or self.clock()
@@ -184,7 +199,7 @@ class JourneyRunner:
                 return Work(pid, TimerTrigger(str(doc.get("nodeId")), due), instance_id=str(doc.get("instanceId")),
                             journey_id=str(doc.get("journeyId")), topic="timer")
             if record.topic == self.t_changed:
-                if doc.get("deleted"):
+                if doc.get("deleted") or (interest is not None and not interest.date_trait):
                     return None
                 return Work(pid, None, profile_doc=doc.get("profile") or {}, topic="changed")
         except (ValueError, TypeError) as exc:
@@ -193,23 +208,57 @@ class JourneyRunner:
             return None
         return None
 
+    async def interest(self) -> Interest:
+        """What every known journey (any status, every version instances may still run) reacts to; computed
+        again only when a journey changed."""
+        key = tuple(sorted((j.journey_id, j.current_version) for j in self.registry.journeys.values()))
+        if self._interest is None or key != self._interest_key:
+            total = Interest()
+            for journey_id, current in key:
+                for version in range(1, current + 1):
+                    d = await self.registry.definition(journey_id, version)
+                    if d is not None:
+                        total = total | interest_of(d)
+            self._interest, self._interest_key = total, key
+        return self._interest
+
     # ---- processing -----------------------------------------------------------------------------------------
 
     async def handle(self, records: Sequence[Record]) -> None:
-        """Process a batch: customers concurrently, each customer's records in order. Retries until done."""
+        """Process a batch: customers concurrently, each customer's records in order. Retries until done.
+
+        Records no journey can react to are dropped before any read. The rest: the instances of their
+        customers are read together, every step is decided in memory, then the effects of the whole batch are
+        carried out together (message requests and events produced in batches, timers written in batches), and
+        the instance states are saved last, together. A crash anywhere replays the batch against the state
+        saved so far: every effect carries a deterministic key, so a replay repeats it harmlessly.
+        """
         await self.registry.maybe_refresh()
+        interest = await self.interest()
         per_profile: dict[str, list[Work]] = defaultdict(list)
         for record in records:
-            work = self.decode(record)
+            work = self.decode(record, interest)
             if work is not None:
                 per_profile[work.profile_id].append(work)
+        skipped = len(records) - sum(len(w) for w in per_profile.values())
+        if skipped:
+            metrics.SKIPPED.inc(skipped)
+        if not per_profile:
+            return
         attempt = 0
         while True:
             try:
                 # The instances of every profile of the batch, read together (a request per 100 profiles).
-                instances = await self.instances.for_profiles(list(per_profile)) if per_profile else {}
-                await asyncio.gather(*(self._profile(pid, items, instances[pid])
+                instances = await self.instances.for_profiles(list(per_profile))
+                active = await self.registry.active()
+                now = self.clock()
+                profiles = await self._profile_docs(
+                    [pid for pid, items in per_profile.items()
+                     if any(self._concerns(w.trigger, instances[pid], active, now) for w in items)])
+                effects: list[tuple[Instance | None, Decision]] = []
+                await asyncio.gather(*(self._profile(pid, items, instances[pid], profiles.get(pid), active, effects)
                                        for pid, items in per_profile.items()))
+                await self._carry_out(effects, self.clock())
                 return
             except Exception as exc:  # the batch is retried: every effect is idempotent
                 attempt += 1
@@ -217,39 +266,41 @@ class JourneyRunner:
                 log.exception("journey batch failed (attempt %d); retrying", attempt)
                 await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
 
-    async def _profile_doc(self, profile_id: str) -> dict[str, Any] | None:
-        if self.redis is None:
-            return None
-        raw = await self.redis.get(self.settings.redis_key("profile", profile_id))
-        if not raw:
-            return None
-        doc = orjson.loads(raw)
-        return doc if isinstance(doc, dict) else None
+    async def _profile_docs(self, profile_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The hot profiles of the customers whose steps may need one, with one Redis request."""
+        if self.redis is None or not profile_ids:
+            return {}
+        raws = await self.redis.mget([self.settings.redis_key("profile", pid) for pid in profile_ids])
+        out: dict[str, dict[str, Any]] = {}
+        for pid, raw in zip(profile_ids, raws, strict=True):
+            if raw:
+                doc = orjson.loads(raw)
+                if isinstance(doc, dict):
+                    out[pid] = doc
+        return out
 
-    async def _profile(self, profile_id: str, items: list[Work], instances: list[Instance]) -> None:
+    async def _profile(self, profile_id: str, items: list[Work], instances: list[Instance],
+                       profile: dict[str, Any] | None, active: list[tuple[JourneyRow, JourneyDefinition]],
+                       effects: list[tuple[Instance | None, Decision]]) -> None:
         async with self._limit:
-            profile: list[dict[str, Any] | None] = []  # read from Redis once, and only when a step needs it
-
-            async def load_profile() -> dict[str, Any] | None:
-                if not profile:
-                    profile.append(await self._profile_doc(profile_id))
-                return profile[0]
-
             for work in items:
                 if work.topic == "changed":
                     await self._schedule_date_entries(profile_id, work.profile_doc or {})
                     metrics.TRIGGERS.labels("profile.changed", "ok").inc()
                     continue
-                instances = await self._step(profile_id, work, instances, load_profile)
+                changed = await self._step(profile_id, work, instances, profile, active)
+                if changed:
+                    effects += changed
+                    instances = _latest(instances, changed)
 
-    async def _step(self, profile_id: str, work: Work, instances: list[Instance],
-                    load_profile: Callable[[], Awaitable[dict[str, Any] | None]]) -> list[Instance]:
+    async def _step(self, profile_id: str, work: Work, instances: list[Instance], profile: dict[str, Any] | None,
+                    active: list[tuple[JourneyRow, JourneyDefinition]]) -> list[tuple[Instance | None, Decision]]:
+        """The decisions that change something (nothing is carried out here)."""
         now = self.clock()
         trigger = work.trigger
-        if not await self._concerns(trigger, instances, now):
+        if not self._concerns(trigger, instances, active, now):
             metrics.TRIGGERS.labels(work.topic, "no_effect").inc()
-            return instances
-        profile = await load_profile()
+            return []
         decisions: list[tuple[Instance | None, Decision]] = []
         if work.topic == "entry_timer":
             assert isinstance(trigger, TimerTrigger) and work.journey_id
@@ -273,7 +324,7 @@ class JourneyRunner:
                 if d is not None:
                     decisions.append((inst, decide(d, inst, trigger, now, profile)))
             if not isinstance(trigger, DateTrigger):
-                for row, definition in await self.registry.active():
+                for row, definition in active:
                     if definition.entry.type == "date_trait":
                         continue
                     existing = [i for i in _latest(instances, decisions) if i.journey_id == row.journey_id]
@@ -283,19 +334,21 @@ class JourneyRunner:
                         decisions.append((None, entered))
         changed = [(old, d) for old, d in decisions if d.changed]
         metrics.TRIGGERS.labels(work.topic, "applied" if changed else "no_effect").inc()
-        if not changed:
-            return instances
-        await self._carry_out(changed, now)
-        return _latest(instances, changed)
+        return changed
 
-    async def _concerns(self, trigger: Any, instances: list[Instance], now: datetime) -> bool:
+    @staticmethod
+    def _concerns(trigger: Any, instances: list[Instance], active: list[tuple[JourneyRow, JourneyDefinition]],
+                  now: datetime | None = None) -> bool:
         """Cheap pre-check (no profile read): could this trigger change anything for this customer?"""
         if isinstance(trigger, TimerTrigger):
             return True
+        if trigger is None:
+            return False
+        now = now or utcnow()
         if any(i.running or (i.goal_deadline is not None and i.converted_at is None and now <= i.goal_deadline)
                for i in instances):
             return True
-        for _, definition in await self.registry.active():
+        for _, definition in active:
             entry = definition.entry
             if isinstance(trigger, EventTrigger) and entry.type == "event" and entry.event == trigger.name:
                 return True
@@ -335,32 +388,36 @@ class JourneyRunner:
                                            kind="entry")
 
     async def _carry_out(self, changed: list[tuple[Instance | None, Decision]], now: datetime) -> None:
-        sends: list[Awaitable[Any]] = []
-        timer_writes: list[Awaitable[None]] = []
+        """Effects of a batch's decisions first (produced and written together), instance states second."""
+        if not changed:
+            return
+        requests: list[tuple[bytes, bytes]] = []
+        events: list[tuple[bytes, bytes]] = []
+        timer_rows: list[tuple[Any, tuple[Any, ...]]] = []
         latencies: list[tuple[str, datetime]] = []
         for old, decision in changed:
             inst = decision.instance
             for action in decision.actions:
                 if isinstance(action, SendMessage):
-                    body = orjson.dumps(action.request(now))
-                    sends.append(self.producer.send_and_wait(self.t_requests, body, key=action.profile_id.encode()))
+                    requests.append((action.profile_id.encode(), orjson.dumps(action.request(now))))
                     metrics.MESSAGES.labels(action.journey_id, action.node_id, action.channel).inc()
                     if action.event_accepted_at is not None:
                         latencies.append((action.journey_id, action.event_accepted_at))
                 elif isinstance(action, EmitEvent):
                     event = Event.model_validate(action.envelope())
-                    sends.append(self.producer.send_and_wait(self.t_raw, encode_event(event),
-                                                             key=action.profile_id.encode()))
+                    events.append((action.profile_id.encode(), encode_event(event)))
                 elif isinstance(action, ScheduleTimer):
-                    timer_writes.append(self.timers.schedule(
+                    timer_rows.append(self.timers.row(
                         profile_id=inst.profile_id, journey_id=inst.journey_id, instance_id=action.instance_id,
                         node_id=action.node_id, due=action.due))
             _count_transition(old, inst)
-        await asyncio.gather(*sends, *timer_writes)
+        futures = [*await produce_many(self.producer, self.t_requests, requests),
+                   *await produce_many(self.producer, self.t_raw, events)]
+        await asyncio.gather(*futures, self.timers.write(timer_rows))
         acked = self.clock()
         for journey_id, accepted in latencies:
             metrics.TRIGGER_LATENCY.labels(journey_id).observe(max(0.0, (acked - accepted).total_seconds()))
-        await asyncio.gather(*(self.instances.save(d.instance, now) for _, d in changed))
+        await self.instances.save_many([d.instance for _, d in changed], now)
 
 
 def _count_transition(old: Instance | None, new: Instance) -> None:

@@ -13,7 +13,7 @@ from aiokafka.partitioner import murmur2
 from cassandra.cluster import Session
 from cassandra.query import BatchStatement, BatchType
 
-from loyalist.cassandra import execute
+from loyalist.cassandra import execute, execute_writes
 from services.journeys.domain.codec import instance_from_doc, instance_to_doc
 from services.journeys.domain.engine import Instance, stable_bucket
 
@@ -164,6 +164,19 @@ class InstanceStore:
                                             instance.profile_id, instance.status, state, now))
         await execute(self.s, batch)
 
+    async def save_many(self, instances: Sequence[Instance], now: datetime) -> None:
+        """Save the last state of each instance (both copies) with a few unlogged batches."""
+        last = {i.instance_id: i for i in instances}
+        rows: list[tuple[Any, tuple[Any, ...]]] = []
+        for instance in last.values():
+            state = orjson.dumps(instance_to_doc(instance)).decode()
+            bucket = int(stable_bucket(instance.instance_id) * INSTANCE_BUCKETS)
+            rows.append((self._upsert, (instance.profile_id, instance.journey_id, instance.instance_id,
+                                        instance.version, instance.status, state, now)))
+            rows.append((self._upsert_by_journey, (instance.journey_id, bucket, instance.instance_id,
+                                                   instance.profile_id, instance.status, state, now)))
+        await execute_writes(self.s, rows)
+
     async def for_journey(self, journey_id: str) -> list[Instance]:
         pages = await asyncio.gather(*(execute(self.s, self._scan_bucket, (journey_id, b))
                                        for b in range(INSTANCE_BUCKETS)))
@@ -195,6 +208,8 @@ class TimerStore:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
         self._due = session.prepare(
             "SELECT * FROM journey_timers WHERE shard = ? AND minute = ? AND due <= ?")
+        self._due_many = session.prepare(
+            "SELECT * FROM journey_timers WHERE shard IN ? AND minute IN ? AND due <= ?")
         self._delete = session.prepare(
             "DELETE FROM journey_timers WHERE shard = ? AND minute = ? AND due = ? AND instance_id = ? AND node_id = ?")
         self._cursor = session.prepare("SELECT minute FROM journey_timer_cursors WHERE shard = ?")
@@ -202,18 +217,32 @@ class TimerStore:
 
     async def schedule(self, *, profile_id: str, journey_id: str, instance_id: str, node_id: str, due: datetime,
                        kind: str = "node") -> None:
+        await self.write([self.row(profile_id=profile_id, journey_id=journey_id, instance_id=instance_id,
+                                   node_id=node_id, due=due, kind=kind)])
+
+    def row(self, *, profile_id: str, journey_id: str, instance_id: str, node_id: str, due: datetime,
+            kind: str = "node") -> tuple[Any, tuple[Any, ...]]:
+        """The write of a timer, for :meth:`write` (many timers with a few requests)."""
         shard = shard_of(profile_id, self.partitions)
-        await execute(self.s, self._insert, (shard, minute_of(due), due, instance_id, node_id, profile_id,
-                                             journey_id, kind))
+        return self._insert, (shard, minute_of(due), due, instance_id, node_id, profile_id, journey_id, kind)
+
+    async def write(self, rows: Sequence[tuple[Any, tuple[Any, ...]]]) -> None:
+        await execute_writes(self.s, rows)
 
     async def due(self, shard: int, minute: int, upto: datetime) -> list[TimerRow]:
         rows = await execute(self.s, self._due, (shard, minute, upto))
         return [TimerRow(shard, minute, _aware(r["due"]), r["instance_id"], r["node_id"], r["profile_id"],
                          r["journey_id"], r["kind"]) for r in rows]
 
+    async def due_many(self, shards: Sequence[int], minutes: Sequence[int], upto: datetime) -> list[TimerRow]:
+        """The due timers of several shards and minutes with one request."""
+        rows = await execute(self.s, self._due_many, (list(shards), list(minutes), upto))
+        return [TimerRow(r["shard"], r["minute"], _aware(r["due"]), r["instance_id"], r["node_id"],
+                         r["profile_id"], r["journey_id"], r["kind"]) for r in rows]
+
     async def delete(self, rows: Sequence[TimerRow]) -> None:
-        await asyncio.gather(*(execute(self.s, self._delete, (r.shard, r.minute, r.due, r.instance_id, r.node_id))
-                               for r in rows))
+        await execute_writes(self.s, [(self._delete, (r.shard, r.minute, r.due, r.instance_id, r.node_id))
+                                      for r in rows])
 
     async def cursor(self, shard: int) -> int | None:
         rows = await execute(self.s, self._cursor, (shard,))

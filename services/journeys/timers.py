@@ -13,12 +13,15 @@ from datetime import UTC, datetime
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from loyalist.kafka import produce_many
 from services.journeys.store import TimerStore, minute_of
 
 log = logging.getLogger(__name__)
 
 # How far back a shard without a cursor looks (a fresh deployment, or a shard never owned before).
 INITIAL_LOOKBACK_MINUTES = 24 * 60
+# Partitions (shard, minute) one timer read may name.
+MAX_PARTITIONS_PER_READ = 100
 
 
 class TimerPoller:
@@ -57,30 +60,38 @@ class TimerPoller:
             await asyncio.sleep(self.interval_s)
 
     async def poll_once(self, now: datetime) -> int:
-        """Fire every due timer of the owned shards; returns how many wake-ups were produced."""
-        fired = 0
-        for shard in sorted(self.owned_shards()):
-            fired += await self._poll_shard(shard, now)
-        return fired
+        """Fire every due timer of the owned shards; returns how many wake-ups were produced.
 
-    async def _poll_shard(self, shard: int, now: datetime) -> int:
+        One read covers every owned shard (an IN on both partition key columns), so a poll costs one request
+        however many partitions this worker owns; a shard that is behind (a fresh cursor) is read a hundred
+        minute-partitions per request."""
+        shards = sorted(self.owned_shards())
+        if not shards:
+            return 0
         current = minute_of(now)
-        cursor = self._cursors.get(shard)
-        if cursor is None:
-            stored = await self.store.cursor(shard)
-            cursor = stored if stored is not None else current - INITIAL_LOOKBACK_MINUTES
-        fired = 0
-        start = cursor
-        for minute in range(start, current + 1):
-            rows = await self.store.due(shard, minute, now)
-            if rows:
-                await asyncio.gather(*(self.producer.send_and_wait(
-                    self.topic, orjson.dumps(r.wakeup()), key=r.profile_id.encode()) for r in rows))
-                await self.store.delete(rows)
-                fired += len(rows)
-            if minute < current:
-                cursor = minute + 1  # a past minute is complete: every row in it was due and is now fired
-        if cursor != self._cursors.get(shard):
-            self._cursors[shard] = cursor
-            await self.store.set_cursor(shard, cursor)
-        return fired
+        missing = [s for s in shards if s not in self._cursors]
+        if missing:
+            stored = await asyncio.gather(*(self.store.cursor(s) for s in missing))
+            for shard, cursor in zip(missing, stored, strict=True):
+                self._cursors[shard] = cursor if cursor is not None else current - INITIAL_LOOKBACK_MINUTES
+        by_start: dict[int, list[int]] = {}
+        for shard in shards:
+            by_start.setdefault(min(self._cursors[shard], current), []).append(shard)
+        reads = []
+        for start, group in by_start.items():
+            minutes = list(range(start, current + 1))
+            per_read = max(1, MAX_PARTITIONS_PER_READ // len(group))
+            for i in range(0, len(minutes), per_read):
+                reads.append(self.store.due_many(group, minutes[i:i + per_read], now))
+        rows = [r for chunk in await asyncio.gather(*reads) for r in chunk]
+        if rows:
+            futures = await produce_many(self.producer, self.topic,
+                                         [(r.profile_id.encode(), orjson.dumps(r.wakeup())) for r in rows])
+            await asyncio.gather(*futures)
+            await self.store.delete(rows)
+        # Every past minute is complete: each row in it was due and is now fired.
+        moved = [s for s in shards if self._cursors[s] != current]
+        for shard in moved:
+            self._cursors[shard] = current
+        await asyncio.gather(*(self.store.set_cursor(s, current) for s in moved))
+        return len(rows)

@@ -639,3 +639,42 @@ def decide(
             instance = _log(instance, now, node.id, "event_received", f"'{trigger.name}' ({trigger.message_id})")
             return _advance(definition, instance, node.next, now, profile, trigger.received_at, [], trigger)
     return Decision(instance, ()) if converted_now else unchanged
+
+
+@dataclass(frozen=True, slots=True)
+class Interest:
+    """What can concern a journey at all: the event names and segment ids that its entry, exit rules, goal or
+    wait-for-event nodes react to, and whether it enters on a date trait. An event or membership change outside
+    of it can change no instance of the journey and start none (``decide`` and ``decide_entry`` ignore it), so
+    the engine drops it before any read."""
+
+    events: frozenset[str] = frozenset()
+    segments: frozenset[str] = frozenset()
+    date_trait: bool = False
+
+    def __or__(self, other: Interest) -> Interest:
+        return Interest(self.events | other.events, self.segments | other.segments,
+                        self.date_trait or other.date_trait)
+
+
+def interest_of(definition: JourneyDefinition) -> Interest:
+    events: set[str] = set()
+    segments: set[str] = set()
+    entry = definition.entry
+    if entry.type == "event" and entry.event:
+        events.add(entry.event)
+    if entry.type == "segment" and entry.segment_id:
+        segments.add(entry.segment_id)
+    for rule in definition.exit_rules:
+        if rule.type == "unsubscribed":
+            events.add("Unsubscribed")
+        if rule.event:
+            events.add(rule.event)
+        if rule.segment_id:
+            segments.add(rule.segment_id)
+    if definition.goal is not None:
+        events.add(definition.goal.event)
+    for node in definition.nodes.values():
+        if isinstance(node, WaitForEventNode) and node.event:
+            events.add(node.event)
+    return Interest(frozenset(events), frozenset(segments), entry.type == "date_trait")
