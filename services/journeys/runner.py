@@ -248,13 +248,14 @@ class JourneyRunner:
         attempt = 0
         while True:
             try:
-                # The instances of every profile of the batch, read together (a request per 100 profiles).
-                instances = await self.instances.for_profiles(list(per_profile))
+                # The instances of every profile of the batch (a request per 100 profiles) and, at the same
+                # time, the hot profiles their steps may need (one MGET): the records left are those some
+                # journey reacts to, so most of them do need it.
+                instances, profiles = await asyncio.gather(
+                    self.instances.for_profiles(list(per_profile)),
+                    self._profile_docs([pid for pid, items in per_profile.items()
+                                        if any(w.topic != "changed" for w in items)]))
                 active = await self.registry.active()
-                now = self.clock()
-                profiles = await self._profile_docs(
-                    [pid for pid, items in per_profile.items()
-                     if any(self._concerns(w.trigger, instances[pid], active, now) for w in items)])
                 effects: list[tuple[Instance | None, Decision]] = []
                 await asyncio.gather(*(self._profile(pid, items, instances[pid], profiles.get(pid), active, effects)
                                        for pid, items in per_profile.items()))

@@ -25,6 +25,8 @@ from loyalist.settings import Settings
 from loyalist.topics import EVENTS_RESOLVED, JOURNEY_TIMERS, PROFILE_CHANGED, SEGMENT_MEMBERSHIP
 from services.journeys.runner import JourneyRunner, Record
 
+# Up to this many records per batch: what getmany buffered, so a few under light load and many when the
+# service catches up (500 was measured worse: more round trips per record, and the service fell behind).
 BATCH = 2000
 
 

@@ -26,7 +26,7 @@ MAX_PARTITIONS_PER_READ = 100
 
 class TimerPoller:
     def __init__(self, store: TimerStore, producer: AIOKafkaProducer, topic: str,
-                 owned_shards: Callable[[], set[int]], *, interval_s: float = 0.2) -> None:
+                 owned_shards: Callable[[], set[int]], *, interval_s: float = 0.1) -> None:
         self.store = store
         self.producer = producer
         self.topic = topic
