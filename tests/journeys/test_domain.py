@@ -418,3 +418,19 @@ def test_points_expiring_reads_the_profiles_expiring_list() -> None:
     points, expires = nodes["remind"]["data"]["points"], nodes["remind"]["data"]["expires_at"]
     assert resolve(points[1:].split("|")[0], context) == 80
     assert resolve(expires[1:], context) == "2027-01-31T00:00:00Z"
+
+
+def test_interest_lists_every_event_and_segment_a_journey_reacts_to() -> None:
+    from services.journeys.domain.engine import interest_of
+
+    d = definition(
+        [{"id": "w", "type": "wait_for_event", "event": "Order Completed", "timeout": "P1D", "next": "end",
+          "timeout_next": "end"}, {"id": "end", "type": "exit"}],
+        exit_rules=[{"type": "unsubscribed"}, {"type": "segment_exited", "segment_id": "buyers"},
+                    {"type": "event", "event": "Account Closed"}],
+        goal={"event": "Refund Issued", "within": "P7D"})
+    interest = interest_of(d)
+    assert interest.events == {"Checkout Started", "Order Completed", "Unsubscribed", "Account Closed",
+                               "Refund Issued"}
+    assert interest.segments == {"buyers"} and not interest.date_trait
+    assert "Product Viewed" not in (interest | interest_of(definition([{"id": "end", "type": "exit"}]))).events
