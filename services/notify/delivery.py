@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -39,7 +39,7 @@ from services.notify.domain.messages import (
     merge_consent,
     recipient_for,
 )
-from services.notify.domain.policy import Defer, MessageFacts, PolicyConfig, Skip, decide
+from services.notify.domain.policy import Defer, MessageFacts, PolicyConfig, SentRecord, Skip, decide
 from services.notify.domain.retry import backoff_delay
 from services.notify.domain.templates import (
     Rendered,
@@ -67,6 +67,10 @@ from services.notify.metrics import (
 from services.notify.store import LogRow, NotifyStore, lease
 
 log = logging.getLogger(__name__)
+
+
+async def _no_history() -> list[SentRecord]:
+    return []
 
 
 class TemplateCache:
@@ -125,8 +129,18 @@ class Notifier:
 
     # ---- entry point -----------------------------------------------------------------------------------
     async def handle(self, req: MessageRequest, *, from_schedule: bool = False) -> str:
-        """Process one request; returns what happened (for logs and tests)."""
+        """Process one request; returns what happened (for logs and tests).
+
+        A request from the stream is decided first and claimed with its first write — for a send, the claim
+        *is* the ``sending`` record (one lightweight transaction instead of two); a request that turns out to
+        have a row already goes through :meth:`_resume` exactly as if it had been claimed first. A scheduled
+        request always has its row: claimed (taken over) first."""
         now = self.clock()
+        if not from_schedule:
+            return await self._process(req, 0, now, claimed=False)
+        return await self._claim_first(req, now, from_schedule)
+
+    async def _claim_first(self, req: MessageRequest, now: datetime, from_schedule: bool) -> str:
         claimed, existing = await self.store.claim(req, self.owner, lease(now, self.config.lease_s), now)
         attempts = 0
         if not claimed:
@@ -135,7 +149,22 @@ class Notifier:
             if outcome is not None:
                 return outcome
             attempts = existing.attempts
-        return await self._process(req, attempts, now)
+        return await self._process(req, attempts, now, claimed=True)
+
+    async def _claim_late(self, req: MessageRequest, now: datetime,
+                          sending: tuple[str, str, str | None] | None = None) -> str | None:
+        """Claim a request whose decision was made before its claim. None: the claim is ours (as ``claimed``,
+        or as ``sending`` with ``sending``), go on with that decision; else the request's outcome — the row of
+        an earlier delivery resumed, or (taken over) the whole pipeline run again as the new owner."""
+        claimed, existing = await self.store.claim(req, self.owner, lease(now, self.config.lease_s), now,
+                                                   sending=sending)
+        if claimed:
+            return None
+        assert existing is not None
+        outcome = await self._resume(req, existing, now, False)
+        if outcome is not None:
+            return outcome
+        return await self._process(req, existing.attempts, now, claimed=True)
 
     async def _resume(self, req: MessageRequest, row: LogRow, now: datetime, from_schedule: bool) -> str | None:
         """A row exists: finish it, leave it, or take it over. None means "we own it now, go on"."""
@@ -180,29 +209,36 @@ class Notifier:
         return None
 
     # ---- the pipeline ----------------------------------------------------------------------------------
-    async def _process(self, req: MessageRequest, attempts: int, now: datetime) -> str:
+    async def _process(self, req: MessageRequest, attempts: int, now: datetime, *, claimed: bool) -> str:
         profile = await self.profiles.get(req.profile_id) if req.profile_id else None
         user_id = str(profile["user_id"]) if profile and profile.get("user_id") else None
         await self.store.index(req, user_id, req.requested_at)
 
         template = await self.templates.get(req.template_id, req.channel)
         if template is None and req.channel != "webhook":
+            if not claimed and (outcome := await self._claim_late(req, now)) is not None:
+                return outcome
             return await self._fail(req, "claimed", "unknown_template",
                                     f"no {req.channel} template {req.template_id!r}", attempts, user_id=user_id)
         recipient = recipient_for(req, profile)
         if not recipient:
+            if not claimed and (outcome := await self._claim_late(req, now)) is not None:
+                return outcome
             return await self._skip(req, "no_address", user_id)
 
-        suppression = await self.store.suppression(req.channel, recipient)
         consent_key = req.profile_id or address_subject(req.channel, recipient)
-        rows = await self.store.consent_rows(consent_key)
+        suppression, rows, history = await asyncio.gather(
+            self.store.suppression(req.channel, recipient), self.store.consent_rows(consent_key),
+            self.store.history(req.profile_id, req.channel, now - self._cap_horizon)
+            if req.profile_id and self._cap_horizon else _no_history())
         consent = merge_consent(profile, rows, {req.channel: suppression} if suppression else None)
-        history = (await self.store.history(req.profile_id, req.channel, now - self._cap_horizon)
-                   if req.profile_id and self._cap_horizon else [])
         group = group_of(req, template.group if template else None)
         facts = MessageFacts(channel=req.channel, category=req.category, group=group,
                              timezone=(profile or {}).get("timezone"), expires_at=req.expires_at)
         decision = decide(facts, consent, history, now, self.policy)
+        if (isinstance(decision, Skip | Defer) and not claimed
+                and (outcome := await self._claim_late(req, now)) is not None):
+            return outcome
         if isinstance(decision, Skip):
             return await self._skip(req, decision.reason, user_id)
         if isinstance(decision, Defer):
@@ -217,13 +253,19 @@ class Notifier:
         try:
             content = self._render(req, template, profile, group, recipient)
         except RenderError as exc:
+            if not claimed and (outcome := await self._claim_late(req, now)) is not None:
+                return outcome
             return await self._fail(req, "claimed", "template_error", str(exc), attempts, user_id=user_id)
 
-        # Fencing: only the owner of the claim may move it to "sending".
-        if not await self.store.transition(req.idempotency_key, "claimed", self.owner, "sending", now,
-                                           recipient=recipient, subject=content.subject, user_id=user_id,
-                                           lease_until=lease(now, self.config.lease_s)):
-            return "lost_race"
+        # Fencing: only the owner of the claim may move it to "sending" (or, not claimed yet, whoever creates the
+        # row as "sending").
+        if claimed:
+            if not await self.store.transition(req.idempotency_key, "claimed", self.owner, "sending", now,
+                                               recipient=recipient, subject=content.subject, user_id=user_id,
+                                               lease_until=lease(now, self.config.lease_s)):
+                return "lost_race"
+        elif (outcome := await self._claim_late(req, now, sending=(recipient, content.subject, user_id))) is not None:
+            return outcome
         self.crash.maybe_crash("before_send")
         immediate = self.retry.immediate
         while True:
@@ -326,12 +368,14 @@ class Notifier:
         """History for caps and the feedback event; both idempotent, redone after a crash until flagged done."""
         at = sent_at.replace(tzinfo=self.clock().tzinfo) if sent_at and sent_at.tzinfo is None else sent_at
         at = at or self.clock()
-        if req.profile_id:
-            await self.store.record_sent(req.profile_id, req.channel, at, req.idempotency_key, req.category)
-        await self.feedback.emit(
+        follow_ups: list[Awaitable[Any]] = [self.feedback.emit(
             SENT_EVENT[req.channel], profile_id=req.profile_id, user_id=user_id, dedup_key=req.idempotency_key,
             timestamp=at, properties=self._event_properties(req, recipient),
-        )
+        )]
+        if req.profile_id:
+            follow_ups.append(self.store.record_sent(req.profile_id, req.channel, at, req.idempotency_key,
+                                                     req.category))
+        await asyncio.gather(*follow_ups)
         await self.store.mark_feedback_done(req.idempotency_key)
 
     def _event_properties(self, req: MessageRequest, recipient: str | None, **extra: Any) -> dict[str, Any]:

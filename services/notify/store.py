@@ -86,6 +86,13 @@ class NotifyStore:
             "status, attempts, owner, lease_until, request, requested_at, created_at, updated_at, ambiguous, "
             "feedback_done) VALUES (?, ?, ?, ?, ?, ?, 'claimed', 0, ?, ?, ?, ?, ?, ?, false, false) IF NOT EXISTS"
         )
+        self._claim_sending = p(
+            "INSERT INTO notify_messages (idempotency_key, message_id, profile_id, channel, category, template_id, "
+            "status, attempts, owner, lease_until, request, requested_at, created_at, updated_at, ambiguous, "
+            "feedback_done, recipient, subject, user_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'sending', 0, ?, ?, ?, ?, ?, ?, false, false, ?, ?, ?) IF NOT EXISTS"
+        )
+        self._feedback_done = p("UPDATE notify_messages SET feedback_done = true WHERE idempotency_key = ?")
         self._get = p(f"SELECT {_LOG_COLUMNS} FROM notify_messages WHERE idempotency_key = ?")
         self._takeover = p(
             "UPDATE notify_messages SET status = 'claimed', owner = ?, lease_until = ?, updated_at = ?, ambiguous = ? "
@@ -133,13 +140,19 @@ class NotifyStore:
         self._tpl_del = p("DELETE FROM notify_templates WHERE template_id = ? AND channel = ?")
 
     # ---- the delivery log state machine -------------------------------------------------------------
-    async def claim(self, req: MessageRequest, owner: str, lease_until: datetime,
-                    now: datetime) -> tuple[bool, LogRow | None]:
-        """``INSERT ... IF NOT EXISTS``: True for the first claimant, else the existing row."""
-        rows = await execute(self.s, self._claim, (
-            req.idempotency_key, req.message_id, req.profile_id, req.channel, req.category, req.template_id,
-            owner, _ts(lease_until), json.dumps(dict(req.raw), default=str), _ts(req.requested_at), _ts(now),
-            _ts(now)))
+    async def claim(self, req: MessageRequest, owner: str, lease_until: datetime, now: datetime, *,
+                    sending: tuple[str, str, str | None] | None = None) -> tuple[bool, LogRow | None]:
+        """``INSERT ... IF NOT EXISTS``: True for the first claimant, else the existing row.
+
+        With ``sending`` (recipient, subject, user id) the row starts as ``sending`` rather than ``claimed``: one
+        lightweight transaction instead of two for a request whose decision (send) was made before its claim."""
+        values = [req.idempotency_key, req.message_id, req.profile_id, req.channel, req.category, req.template_id,
+                  owner, _ts(lease_until), json.dumps(dict(req.raw), default=str), _ts(req.requested_at), _ts(now),
+                  _ts(now)]
+        if sending is None:
+            rows = await execute(self.s, self._claim, values)
+        else:
+            rows = await execute(self.s, self._claim_sending, [*values, *sending])
         row = rows[0]
         if row["[applied]"]:
             return True, None
@@ -183,9 +196,11 @@ class NotifyStore:
         return bool(rows[0]["[applied]"])
 
     async def mark_feedback_done(self, key: str) -> None:
-        # Not part of the state machine: a plain flag set after the feedback events were acknowledged.
-        await execute(self.s, "UPDATE notify_messages SET feedback_done = true WHERE idempotency_key = %s IF "
-                              "status = 'sent'", (key,))
+        # Not part of the state machine: a plain flag set after the feedback events were acknowledged, on a row
+        # that is ``sent`` for good (no lightweight transaction writes it again). A plain write, not one more
+        # LWT: should it ever lose to the claim's ``false`` (clock skew), a redelivery only redoes the
+        # idempotent follow-ups.
+        await execute(self.s, self._feedback_done, (key,))
 
     async def by_message_id(self, message_id: str) -> LogRow | None:
         rows = await execute(self.s, self._by_id, (message_id,))

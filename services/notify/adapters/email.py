@@ -4,10 +4,15 @@ RFC 2369 / RFC 8058 unsubscribe headers that mailbox providers require for bulk 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import email.utils
+import functools
+import re
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.header import Header
 from email.message import EmailMessage
 
 import aiosmtplib
@@ -47,6 +52,68 @@ def build_mime(mail: OutgoingEmail, domain: str) -> EmailMessage:
     if mail.html:
         msg.add_alternative(mail.html, subtype="html")
     return msg
+
+
+# Printable ASCII only: no CR/LF (header injection), nothing that needs an encoded word.
+_PLAIN = re.compile(r"[\x20-\x7e]*\Z")
+
+
+@functools.lru_cache(maxsize=64)
+def _envelope_sender(sender: str) -> str:
+    return email.utils.parseaddr(sender)[1] or sender
+
+
+def _qp(body: str) -> bytes:
+    """UTF-8, quoted-printable, CRLF lines. ``=`` is always escaped, so a boundary starting ``=_`` never occurs."""
+    text = body.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.endswith("\n"):
+        text += "\n"  # as EmailMessage.set_content does
+    return binascii.b2a_qp(text.encode("utf-8"), istext=True).replace(b"\n", b"\r\n")
+
+
+def _subject(subject: str) -> str:
+    # Printable ASCII goes as it is (a line may be 998 characters; folding is a "should"); anything else, or text
+    # that would read as an encoded word, as RFC 2047 encoded words on folded lines.
+    if _PLAIN.match(subject) and len(subject) <= 900 and "=?" not in subject:
+        return subject
+    return Header(subject, "utf-8", header_name="Subject").encode(linesep="\r\n")
+
+
+def mime_bytes(mail: OutgoingEmail, domain: str) -> bytes | None:
+    """The message of :func:`build_mime` as wire bytes, written directly: the ``email`` package's header registry
+    and generator took a third of notify's CPU per message. Same headers and parts (text + HTML, quoted-printable
+    UTF-8). None when an address or extra header holds anything unusual (non-ASCII, line breaks): such a message
+    goes through :func:`build_mime` and aiosmtplib's ``send_message``, which encode (SMTPUTF8) or reject it."""
+    plain = (mail.sender, mail.to, *(v for h in mail.headers for v in h),
+             *(u for u in (mail.unsubscribe_mailto, mail.unsubscribe_https) if u))
+    if not all(_PLAIN.match(v) for v in plain):
+        return None
+    lines = [
+        f"From: {mail.sender}", f"To: {mail.to}", f"Subject: {_subject(mail.subject)}",
+        f"Date: {email.utils.format_datetime(datetime.now(UTC))}",
+        f"Message-ID: <{mail.message_id}@{domain}>",
+    ]
+    unsubscribe = [f"<{u}>" for u in (mail.unsubscribe_mailto, mail.unsubscribe_https) if u]
+    if unsubscribe:
+        lines.append("List-Unsubscribe: " + ",\r\n ".join(unsubscribe))
+        if mail.unsubscribe_https:
+            lines.append("List-Unsubscribe-Post: List-Unsubscribe=One-Click")
+    lines.extend(f"{name}: {value}" for name, value in mail.headers)
+    lines.append("MIME-Version: 1.0")
+    text_part = b'Content-Type: text/plain; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n'
+    text_part += _qp(mail.text or " ")
+    if not mail.html:
+        return ("\r\n".join(lines) + "\r\n").encode("ascii") + text_part
+    boundary = f"=_{mail.message_id}".encode("ascii")
+    lines.append(f'Content-Type: multipart/alternative;\r\n boundary="{boundary.decode()}"')
+    html_part = b'Content-Type: text/html; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n'
+    html_part += _qp(mail.html)
+    return b"".join((
+        ("\r\n".join(lines) + "\r\n\r\n").encode("ascii"),
+        b"--", boundary, b"\r\n", text_part, b"\r\n",
+        b"--", boundary, b"\r\n", html_part, b"\r\n",
+        b"--", boundary, b"--\r\n",
+    ))
 
 
 class SmtpSender:
@@ -100,7 +167,8 @@ class SmtpSender:
                 await client.quit()
 
     async def send(self, mail: OutgoingEmail) -> Delivered:
-        msg = build_mime(mail, self.domain)
+        raw = mime_bytes(mail, self.domain)
+        msg = build_mime(mail, self.domain) if raw is None else None
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.pool_size)
         async with self._slots:
@@ -110,14 +178,14 @@ class SmtpSender:
                 if client is None:
                     client = await self._connect()
                 try:
-                    errors, response = await client.send_message(msg)
+                    errors, response = await self._transmit(client, mail, raw, msg)
                 except aiosmtplib.SMTPServerDisconnected:
                     if not reused:
                         raise
                     # The server had closed the idle connection before this message began: a fresh one.
                     client.close()
                     client = await self._connect()
-                    errors, response = await client.send_message(msg)
+                    errors, response = await self._transmit(client, mail, raw, msg)
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 self._discard(client)
                 refusals = exc.recipients
@@ -137,7 +205,15 @@ class SmtpSender:
         if errors:
             detail = "; ".join(f"{rcpt}: {resp.code} {resp.message}" for rcpt, resp in errors.items())
             raise DeliveryError("hard_bounce", detail, permanent=True, bounce=True)
-        return Delivered(provider_id=str(msg["Message-ID"]), response=response)
+        return Delivered(provider_id=f"<{mail.message_id}@{self.domain}>", response=response)
+
+    @staticmethod
+    async def _transmit(client: aiosmtplib.SMTP, mail: OutgoingEmail, raw: bytes | None,
+                        msg: EmailMessage | None) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
+        if raw is not None:
+            return await client.sendmail(_envelope_sender(mail.sender), [mail.to], raw)
+        assert msg is not None
+        return await client.send_message(msg)
 
     def _release(self, client: aiosmtplib.SMTP | None) -> None:
         if client is not None and client.is_connected:

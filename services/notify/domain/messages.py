@@ -11,6 +11,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ def can_transition(current: str, new: str) -> bool:
     return new in TRANSITIONS.get(current, frozenset())
 
 
+@functools.lru_cache(maxsize=4096)  # asked for several times per message (links, headers, log rows)
 def message_id_for(idempotency_key: str) -> str:
     return str(uuid.uuid5(_MESSAGE_NS, idempotency_key))
 
