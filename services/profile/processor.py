@@ -641,22 +641,8 @@ class Folder:
             self.store.save_many([(pid, item.state, item.document) for pid, item in changed.items()], self.clock()))
 
     async def _segment(self, pid: str, item: Loaded, op: Op) -> None:
-        if item.merged_into or item.state is None:
-            return  # merged or erased profiles have no segments; the segmenter learns it from profile.changed
-        at_ms = int(op["atMs"])
-        segment_id = str(op["segmentId"])
-        member = op["change"] == "entered"
-        previous = item.segments.get(segment_id)
-        if previous is not None and previous[1] > at_ms:
-            return  # an older message than what we hold
-        item.segments[segment_id] = (member, at_ms)
-        await self.store.upsert_segment(pid, segment_id, op.get("segmentName"), member,
-                                        datetime.fromtimestamp(at_ms / 1000, UTC))
-        if item.document is not None:
-            item.document = {**item.document, "segments": item.segment_ids()}
-            if self.hot is not None:
-                await self.hot.write({pid: item.document}, {})
-            await self.store.save(pid, item.state, item.document, None, self.clock())
+        # A membership change among a merge or erasure of the same batch: in order, on its own.
+        await self._apply_segments([(pid, op)])
 
 
 def segment_message(raw: bytes) -> tuple[str, bytes] | None:

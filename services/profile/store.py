@@ -343,10 +343,6 @@ class ProfileStore:
     async def segment_rows(self, profile_id: str) -> list[dict[str, Any]]:
         return await self._run("segments", self._select_segments, (profile_id,))
 
-    async def upsert_segment(self, profile_id: str, segment_id: str, name: str | None, member: bool,
-                             at: datetime) -> None:
-        await self._run("segment_upsert", self._upsert_segment, (profile_id, segment_id, name, member, at))
-
     async def upsert_segments(self, rows: Sequence[tuple[str, str, str | None, bool, int]]) -> None:
         """(profile id, segment id, segment name, member, changed at ms) rows, in few requests."""
         await self._write("segment_upsert", [(self._upsert_segment, row) for row in rows])
