@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cassandra.cluster import Session
+from cassandra.query import BatchStatement, BatchType
 
 from loyalist.cassandra import execute
 from services.notify.domain.messages import ConsentRow, MessageRequest, iso
@@ -159,15 +160,15 @@ class NotifyStore:
         return False, LogRow.from_row(row)
 
     async def index(self, req: MessageRequest, user_id: str | None, created_at: datetime) -> None:
-        """Lookup rows for the delivery log (idempotent; rewritten on every claim or takeover)."""
-        statements = [execute(self.s, self._index_id, (req.message_id, req.idempotency_key))]
+        """Lookup rows for the delivery log (idempotent; rewritten on every claim or takeover), as one unlogged
+        batch: one request instead of up to three."""
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+        batch.add(self._index_id, (req.message_id, req.idempotency_key))
         if req.profile_id:
-            statements.append(execute(self.s, self._index_profile,
-                                      (req.profile_id, _ts(created_at), req.idempotency_key)))
+            batch.add(self._index_profile, (req.profile_id, _ts(created_at), req.idempotency_key))
         if user_id:
-            statements.append(execute(self.s, self._index_user, (user_id, _ts(created_at), req.idempotency_key)))
-        for statement in statements:
-            await statement
+            batch.add(self._index_user, (user_id, _ts(created_at), req.idempotency_key))
+        await execute(self.s, batch)
 
     async def get(self, key: str) -> LogRow | None:
         rows = await execute(self.s, self._get, (key,))
