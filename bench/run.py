@@ -460,7 +460,7 @@ def render_table(results: JSON) -> str:
             ("profile resolver events/s (stage 1 of 2)", "processor.profile_resolve_events_per_s", ""),
             ("segmenter events/s on a backlog", "processor.segmenter_events_per_s", ""),
             ("journeys events/s on a backlog", "processor.journeys_events_per_s", ""),
-            ("notify SMTP path messages/s", "notify.messages_per_s", "private SMTP server"),
+            ("notify SMTP path messages/s", "notify.messages_per_s", "opted-in marketing, private SMTP server"),
             ("notify request → SMTP server p50 ms", "notify.p50_ms", ""),
             ("notify request → SMTP server p99 ms", "notify.p99_ms", ""),
             ("profile API max req/s", "profile_api.max_requests_per_s", ""),

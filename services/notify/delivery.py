@@ -73,6 +73,10 @@ async def _no_history() -> list[SentRecord]:
     return []
 
 
+async def _nothing() -> None:
+    return None
+
+
 class TemplateCache:
     """Templates change rarely and are read per message: a short in-process cache."""
 
@@ -210,24 +214,29 @@ class Notifier:
 
     # ---- the pipeline ----------------------------------------------------------------------------------
     async def _process(self, req: MessageRequest, attempts: int, now: datetime, *, claimed: bool) -> str:
-        profile = await self.profiles.get(req.profile_id) if req.profile_id else None
+        # Round trips that do not depend on each other go together: the profile with the template, then the
+        # delivery log's lookup rows with the policy's reads.
+        profile, template = await asyncio.gather(
+            self.profiles.get(req.profile_id) if req.profile_id else _nothing(),
+            self.templates.get(req.template_id, req.channel))
         user_id = str(profile["user_id"]) if profile and profile.get("user_id") else None
-        await self.store.index(req, user_id, req.requested_at)
-
-        template = await self.templates.get(req.template_id, req.channel)
-        if template is None and req.channel != "webhook":
+        known = template is not None or req.channel == "webhook"
+        recipient = recipient_for(req, profile) if known else None
+        if not (known and recipient):
+            await self.store.index(req, user_id, req.requested_at)
+        if not known:
             if not claimed and (outcome := await self._claim_late(req, now)) is not None:
                 return outcome
             return await self._fail(req, "claimed", "unknown_template",
                                     f"no {req.channel} template {req.template_id!r}", attempts, user_id=user_id)
-        recipient = recipient_for(req, profile)
         if not recipient:
             if not claimed and (outcome := await self._claim_late(req, now)) is not None:
                 return outcome
             return await self._skip(req, "no_address", user_id)
 
         consent_key = req.profile_id or address_subject(req.channel, recipient)
-        suppression, rows, history = await asyncio.gather(
+        _, suppression, rows, history = await asyncio.gather(
+            self.store.index(req, user_id, req.requested_at),
             self.store.suppression(req.channel, recipient), self.store.consent_rows(consent_key),
             self.store.history(req.profile_id, req.channel, now - self._cap_horizon)
             if req.profile_id and self._cap_horizon else _no_history())
