@@ -12,7 +12,7 @@ from services.segmenter.config import SegmenterConfig
 from services.segmenter.engine import SegmenterEngine
 from services.segmenter.models import ModelRuntime
 from services.segmenter.store import SegmenterStore
-from services.segmenter.streams import build_stream_app
+from services.segmenter.streams import build_consumer
 
 
 def create_app(settings: Settings | None = None, config: SegmenterConfig | None = None) -> FastAPI:
@@ -22,6 +22,13 @@ def create_app(settings: Settings | None = None, config: SegmenterConfig | None 
 
     def get_engine() -> SegmenterEngine:
         return holder["engine"]
+
+    async def revoked(_partitions: object) -> None:
+        # What is left of the last batch (outbox rows, churn observations) lands before another worker goes on.
+        if "engine" in holder:
+            await holder["engine"].finish_pending()
+
+    consumer = build_consumer(settings, get_engine, on_revoked=revoked)
 
     async def on_start(resources: Resources, app: FastAPI) -> None:
         store = SegmenterStore(resources.session)
@@ -33,17 +40,21 @@ def create_app(settings: Settings | None = None, config: SegmenterConfig | None 
         holder["engine"] = engine
         app.state.engine = engine
         app.state.models = models
+        await consumer.start()
 
     async def on_stop(resources: Resources, app: FastAPI) -> None:
         models: ModelRuntime | None = getattr(app.state, "models", None)
         engine: SegmenterEngine | None = getattr(app.state, "engine", None)
+        await consumer.stop()
+        if engine is not None:
+            await engine.finish_pending()
         if models is not None:
             await models.stop()
         if engine is not None:
             await engine.stop()
 
     resources = Resources(settings, "segmenter", cassandra=True, producer=True,
-                          stream_app=build_stream_app(settings, get_engine), on_start=on_start, on_stop=on_stop)
+                          on_start=on_start, on_stop=on_stop)
     app = create_service_app(
         "segmenter", title="Loyalist segmenter",
         description="Live rule segments, RFM, lifecycle stages, churn and lifetime-value predictions, "

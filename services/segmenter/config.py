@@ -36,6 +36,8 @@ class SegmenterConfig(BaseSettings):
     prediction_min_probability_change: float = 0.05
     prediction_min_relative_change: float = 0.10
     backfill_page: int = 500
+    # Segment sizes (loyalist_segmenter_segment_members) are recounted from the store this often.
+    member_count_interval_s: float = 60.0
 
     def lifecycle(self) -> LifecycleThresholds:
         return LifecycleThresholds(self.at_risk_days, self.lapsed_days, self.won_back_days, self.vip_min_orders,

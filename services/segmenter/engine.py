@@ -22,10 +22,10 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -52,9 +52,10 @@ from services.segmenter.domain.predictions import materially_changed
 from services.segmenter.domain.recommendations import CoPurchases, order_products
 from services.segmenter.domain.rfm import RfmScorer, rfm_values
 from services.segmenter.domain.rules import EventRecord, Rule, RuleError, evaluate, parse_datetime, parse_rule
-from services.segmenter.store import SCHEDULE_SHARDS, SegmenterStore, StoredProfile, StoredSegment
+from services.segmenter.store import SCHEDULE_SHARDS, Decided, SegmenterStore, StoredProfile, StoredSegment
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ORDER_EVENT = "Order Completed"
 # Outbox rows still present this long after their state write had their produce fail; swept this often.
@@ -102,6 +103,9 @@ class SegmenterEngine:
         self.membership_topic = settings.topic(SEGMENT_MEMBERSHIP.name)
         self.raw_topic = settings.topic(EVENTS_RAW.name)
         self.churn: Any = None  # services.segmenter.models.ModelRuntime, set by the app
+        self.member_counts: dict[str, int] = {}
+        self._tail: asyncio.Future[None] | None = None
+        self._published_sizes: dict[str, tuple[str, str]] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -117,6 +121,7 @@ class SegmenterEngine:
             self.copurchases.add_customer(profile_id, customer_orders)
         log.info("rebuilt RFM sketches and co-purchases over %d profiles in %.1fs", count, time.monotonic() - started)
         await self.recover_outbox()
+        await self.recount_members()
         self._spawn(self._scheduler_loop(), "scheduler")
         for seg in self.segment_rows.values():
             if seg.backfill_status != "done":
@@ -124,6 +129,7 @@ class SegmenterEngine:
 
     async def stop(self) -> None:
         self._stopping.set()
+        await self.finish_pending()
         # Backfills stop at their next customer; the scheduler at its next pass. Anything cut short by the
         # timeout is covered by the outbox recovery at the next start.
         tasks = [*self._tasks, *self._backfills.values()]
@@ -140,9 +146,40 @@ class SegmenterEngine:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _stripe(self, profile_id: str) -> int:
+        return hash(profile_id) % len(self._locks)
+
     def lock(self, profile_id: str) -> asyncio.Lock:
         # Striped locks: one customer's inputs (stream, scheduler, backfill) are decided one at a time.
-        return self._locks[hash(profile_id) % len(self._locks)]
+        return self._locks[self._stripe(profile_id)]
+
+    # ---- segment sizes -----------------------------------------------------------------------------
+    def _count_members(self, changes: Sequence[tuple[str, str]]) -> None:
+        """Apply acknowledged membership changes (segment id, "entered"/"exited") to the size gauges."""
+        for segment_id, change in changes:
+            if segment_id in self.member_counts:
+                self.member_counts[segment_id] = max(0, self.member_counts[segment_id]
+                                                     + (1 if change == "entered" else -1))
+        self._publish_sizes()
+
+    async def recount_members(self) -> None:
+        """Segment sizes from the store (at start and every ``member_count_interval_s``): corrects what
+        other instances changed and anything a failure left uncounted."""
+        ids = list(self.segment_rows)
+        counts = await asyncio.gather(*(self.store.member_count(sid) for sid in ids))
+        self.member_counts = dict(zip(ids, counts, strict=True))
+        self._publish_sizes()
+
+    def _publish_sizes(self) -> None:
+        labels = {}
+        for segment_id, row in self.segment_rows.items():
+            labels[segment_id] = (segment_id, row.name)
+            metrics.SEGMENT_MEMBERS.labels(segment_id, row.name).set(self.member_counts.get(segment_id, 0))
+        for segment_id, old in list(self._published_sizes.items()):
+            if labels.get(segment_id) != old:
+                with contextlib.suppress(KeyError):
+                    metrics.SEGMENT_MEMBERS.remove(*old)
+        self._published_sizes = labels
 
     async def reload_segments(self) -> None:
         rows = await self.store.segments()
@@ -154,52 +191,227 @@ class SegmenterEngine:
             except RuleError:
                 log.exception("stored segment %s has an invalid rule; skipped", row.segment_id)
         self.segment_rows = {r.segment_id: r for r in rows}
+        self.member_counts = {sid: self.member_counts.get(sid, 0) for sid in self.segment_rows}
+        self._publish_sizes()
         self.segments = order_segments(definitions)
         self.event_names = needed_event_names(self.segments)
         metrics.SEGMENTS.set(len(self.segments))
 
     # ---- stream inputs ---------------------------------------------------------------------------
     async def on_profile_changed(self, message: dict[str, Any], partition: int, offset: int) -> None:
-        profile_id = message.get("profileId")
-        if not isinstance(profile_id, str) or not profile_id:
-            metrics.INPUTS.labels("profile.changed", "invalid").inc()
-            return
-        async with self.lock(profile_id):
-            stored = await self.store.profile(profile_id)
-            if (stored is not None and stored.source_partition == partition and stored.source_offset is not None
-                    and offset <= stored.source_offset):
-                metrics.INPUTS.labels("profile.changed", "replay_skipped").inc()
-                return
-            if message.get("deleted"):
-                merged_into = message.get("mergedInto")
-                reason = f"merged into {merged_into}" if isinstance(merged_into, str) else "profile deleted"
-                await self._remove_profile(profile_id, stored, reason, partition, offset)
-                metrics.INPUTS.labels("profile.changed", "deleted").inc()
-                return
-            document = message.get("profile")
-            if not isinstance(document, dict):
+        """One ``profile.changed`` on its own (the stream takes batches: :meth:`on_profile_changed_batch`)."""
+        await self.on_profile_changed_batch([(message, partition, offset)])
+
+    async def on_profile_changed_batch(self, items: Sequence[tuple[dict[str, Any], int, int]]) -> None:
+        """A batch of ``profile.changed`` (message, partition, offset), in partition order.
+
+        The same effects as one message at a time — each message is decided in order against the state the
+        previous one left — with the I/O of the whole batch together: the stored rows of every customer in
+        the batch read with a few multi-key requests, every customer's decided state (profile row with its
+        Kafka position, memberships, outbox rows, schedule entry) written with one batch per customer (a
+        logged one when it holds several rows), the membership changes produced together, and only then the
+        outbox rows cleared, churn observations recorded and predictions published."""
+        started = time.perf_counter()
+        by_profile: dict[str, list[tuple[dict[str, Any], int, int]]] = {}
+        for message, partition, offset in items:
+            profile_id = message.get("profileId")
+            if not isinstance(profile_id, str) or not profile_id:
                 metrics.INPUTS.labels("profile.changed", "invalid").inc()
-                return
-            old_document = stored.document if stored else {}
-            won_back_at = note_order(
-                stored.won_back_at if stored else None, parse_datetime(old_document.get("last_order_at")),
-                parse_datetime(document.get("last_order_at")), self.thresholds)
+                continue
+            by_profile.setdefault(profile_id, []).append((message, partition, offset))
+        if not by_profile:
+            return
+        churn_inputs: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+        async with contextlib.AsyncExitStack() as held:
+            # Every customer of the batch at once; stripes taken in one order (everyone else holds at most one).
+            for stripe in sorted({self._stripe(pid) for pid in by_profile}):
+                await held.enter_async_context(self._locks[stripe])
+            profile_ids = list(by_profile)
+            stored_rows, stored_memberships = await asyncio.gather(
+                self.store.profiles(profile_ids), self.store.memberships_many(profile_ids))
+            events: dict[str, list[EventRecord]] = {}
+            if self.event_names:
+                fetched = await asyncio.gather(*(self._events(pid) for pid in profile_ids))
+                events = dict(zip(profile_ids, fetched, strict=True))
+            groups: list[Decided] = []
+            outgoing: list[tuple[str, str, str, bytes]] = []  # profile id, transition id, change, payload
+            after: list[Any] = []
+            now = datetime.now(UTC)
+            for profile_id, messages in by_profile.items():
+                stored = stored_rows.get(profile_id)
+                if any(m.get("deleted") for m, _, _ in messages):
+                    # Rare (erasure, merges): the one-message path, in order, under the lock already held.
+                    for message, partition, offset in messages:
+                        churn_input = await self._profile_changed_locked(profile_id, message, partition, offset)
+                        if churn_input is not None:
+                            churn_inputs.append(churn_input)
+                    continue
+                decided = self._decide_messages(profile_id, messages, stored, stored_memberships[profile_id],
+                                                events.get(profile_id, []), now, churn_inputs)
+                if decided is None:
+                    continue
+                rows, sent, previous_next, next_at = decided
+                groups.append(rows)
+                outgoing.extend(sent)
+                if previous_next is not None and previous_next != next_at:
+                    # The superseded schedule entry: dropped afterwards (the scheduler ignores and drops one
+                    # that no longer matches the profile row, should this delete be lost).
+                    after.append(self.store.unschedule_row(profile_id, previous_next))
+            metrics.EVALUATIONS.inc(len(self.segments) * sum(len(m) for m in by_profile.values()))
+            await self.store.write_decided(groups)
+            if outgoing:
+                # Each customer's changes in order on its partition; all acknowledged before the outbox rows go.
+                futures = [await self.producer.send(self.membership_topic, raw, key=pid.encode())
+                           for pid, _, _, raw in outgoing]
+                await asyncio.gather(*futures)
+                for _, _, change, _ in outgoing:
+                    metrics.MEMBERSHIP_CHANGES.labels(change).inc()
+                self._count_members([(tid.split(":", 1)[0], change) for _, tid, change, _ in outgoing])
+                after.extend(self.store.outbox_done_row(tid) for _, tid, _, _ in outgoing)
+            metrics.DECISION_DURATION.observe(time.perf_counter() - started)
+        new_profiles = frozenset(pid for pid in by_profile if pid not in stored_rows)
+        # The rest (outbox rows cleared, churn observations, predictions) runs while the next batch is decided;
+        # that batch returns — and its offsets and this batch's are committed — only after it finished.
+        previous = self._tail
+        self._tail = asyncio.ensure_future(self._finish_batch(previous, after, churn_inputs, new_profiles))
+        if previous is not None:
+            await asyncio.shield(previous)  # a stop cancels the batch, not what is left of the previous one
+
+    async def finish_pending(self, timeout_s: float = 5.0) -> None:
+        """Wait for the unfinished part of the latest batch (at stop); what a timeout cuts short is recovered
+        at the next start (outbox rows) or taken again at the customer's next update (churn observations)."""
+        if self._tail is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._tail), timeout_s)
+            if not self._tail.done():
+                self._tail.cancel()
+
+    async def _finish_batch(self, previous: asyncio.Future[None] | None, after: list[Any],
+                            churn_inputs: list[tuple[str, dict[str, Any], dict[str, Any]]],
+                            new_profiles: frozenset[str]) -> None:
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                await previous  # one batch's churn observations after the other's
+        # Idempotent rows and observations; retried until done (a stop cancels).
+        await _retry_until_done(lambda: self.store.write(after), "clearing outbox rows")
+        if self.churn is None or not churn_inputs:
+            return
+        probabilities = await _retry_until_done(lambda: self.churn.observe_many(churn_inputs, new_profiles),
+                                                "churn observations")
+        if self.churn.churn.updates < self.config.churn_min_updates_to_publish:
+            return
+        new = {pid: {"churn_probability": round(p, 4)} for pid, p in probabilities.items()}
+        version = f"churn-v{self.churn.churn_version}"
+
+        async def publish() -> None:
+            async with contextlib.AsyncExitStack() as held:
+                for stripe in sorted({self._stripe(pid) for pid in new}):
+                    await held.enter_async_context(self._locks[stripe])
+                # Read again under the locks: a CLV refit may have written predictions meanwhile.
+                await self._write_predictions_locked(new, version)
+
+        await _retry_until_done(publish, "publishing churn predictions")
+
+    def _decide_messages(self, profile_id: str, messages: Sequence[tuple[dict[str, Any], int, int]],
+                         stored: StoredProfile | None, memberships: dict[str, tuple[bool, int]],
+                         events: list[EventRecord], now: datetime,
+                         churn_inputs: list[tuple[str, dict[str, Any], dict[str, Any]]],
+                         ) -> tuple[Decided, list[tuple[str, str, str, bytes]], datetime | None, datetime | None
+                                    ] | None:
+        """Decide one customer's messages in order (pure apart from the RFM sketches and metrics). Returns the
+        rows to write, the membership messages to send and the previously and the newly scheduled evaluation, or
+        None when every message was a replay or invalid."""
+        position = (stored.source_partition, stored.source_offset) if stored is not None else (None, None)
+        document = stored.document if stored is not None else {}
+        won_back_at = stored.won_back_at if stored is not None else None
+        previous_next = stored.next_evaluation_at if stored is not None else None
+        next_at = previous_next
+        predictions = stored.predictions if stored is not None else {}
+        state = dict(memberships)
+        changes: list[tuple[str, bool, int, str, str]] = []
+        sent: list[tuple[str, str, str, bytes]] = []
+        last: tuple[int, int] | None = None
+        for message, partition, offset in messages:
+            if position[0] == partition and position[1] is not None and offset <= position[1]:
+                metrics.INPUTS.labels("profile.changed", "replay_skipped").inc()
+                continue
+            new_document = message.get("profile")
+            if not isinstance(new_document, dict):
+                metrics.INPUTS.labels("profile.changed", "invalid").inc()
+                continue
+            won_back_at = note_order(won_back_at, parse_datetime(document.get("last_order_at")),
+                                     parse_datetime(new_document.get("last_order_at")), self.thresholds)
             cause = message.get("cause") or {}
             label = cause.get("event") or cause.get("type") or ",".join(message.get("changed") or []) or "update"
             accepted_at = cause.get("receivedAt") if isinstance(cause.get("receivedAt"), str) else None
-            self.scorer.replace(rfm_values(old_document), rfm_values(document))
-            predictions = stored.predictions if stored else {}
-            facts = CustomerFacts(document, await self._events(profile_id), won_back_at, predictions)
-            await self._decide_and_apply(profile_id, facts, f"profile.changed ({label})", accepted_at,
-                                         stored.next_evaluation_at if stored else None)
-            await self.store.put_profile(profile_id, document, partition, offset, won_back_at=won_back_at)
+            self.scorer.replace(rfm_values(document), rfm_values(new_document))
+            facts = CustomerFacts(new_document, events, won_back_at, predictions)
+            decision = decide(self.segments, facts, {sid: m for sid, (m, _) in state.items()},
+                              f"profile.changed ({label})", now, scorer=self.scorer, thresholds=self.thresholds)
+            for t in decision.transitions:
+                seq = state.get(t.segment_id, (False, 0))[1] + 1
+                state[t.segment_id] = (t.change == "entered", seq)
+                transition_id, raw = self._payload(profile_id, t, seq, now, accepted_at)
+                changes.append((t.segment_id, t.change == "entered", seq, transition_id, raw.decode()))
+                sent.append((profile_id, transition_id, t.change, raw))
+            next_at = decision.next_evaluation_at
+            churn_inputs.append((profile_id, new_document, document))
+            document = new_document
+            position = last = (partition, offset)
             metrics.INPUTS.labels("profile.changed", "processed").inc()
-        if self.churn is not None:
-            # Outside the customer lock: writing predictions takes it again.
-            probability = await self.churn.observe(profile_id, document, old_document)
-            if self.churn.churn.updates >= self.config.churn_min_updates_to_publish:
-                await self.write_predictions(profile_id, {"churn_probability": round(probability, 4)},
-                                             f"churn-v{self.churn.churn_version}")
+        if last is None:
+            return None
+        rows = self.store.decided_rows(profile_id, document, last[0], last[1], won_back_at, next_at, previous_next,
+                                       changes, now)
+        return rows, sent, previous_next, next_at
+
+    def _payload(self, profile_id: str, t: Transition, seq: int, at: datetime,
+                 accepted_at: str | None) -> tuple[str, bytes]:
+        transition_id = f"{t.segment_id}:{profile_id}:{seq}"
+        payload: dict[str, Any] = {
+            "profileId": profile_id, "segmentId": t.segment_id, "segmentName": t.segment_name,
+            "change": t.change, "reason": t.reason, "at": iso(at), "transitionId": transition_id,
+        }
+        row = self.segment_rows.get(t.segment_id)
+        if row is not None:
+            payload["segmentVersion"] = row.version
+        if accepted_at:
+            payload["eventAcceptedAt"] = accepted_at
+        return transition_id, orjson.dumps(payload)
+
+    async def _profile_changed_locked(self, profile_id: str, message: dict[str, Any], partition: int, offset: int
+                                      ) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+        """One message, the customer's lock held. Returns what the churn model should observe, if anything."""
+        stored = await self.store.profile(profile_id)
+        if (stored is not None and stored.source_partition == partition and stored.source_offset is not None
+                and offset <= stored.source_offset):
+            metrics.INPUTS.labels("profile.changed", "replay_skipped").inc()
+            return None
+        if message.get("deleted"):
+            merged_into = message.get("mergedInto")
+            reason = f"merged into {merged_into}" if isinstance(merged_into, str) else "profile deleted"
+            await self._remove_profile(profile_id, stored, reason, partition, offset)
+            metrics.INPUTS.labels("profile.changed", "deleted").inc()
+            return None
+        document = message.get("profile")
+        if not isinstance(document, dict):
+            metrics.INPUTS.labels("profile.changed", "invalid").inc()
+            return None
+        old_document = stored.document if stored else {}
+        won_back_at = note_order(
+            stored.won_back_at if stored else None, parse_datetime(old_document.get("last_order_at")),
+            parse_datetime(document.get("last_order_at")), self.thresholds)
+        cause = message.get("cause") or {}
+        label = cause.get("event") or cause.get("type") or ",".join(message.get("changed") or []) or "update"
+        accepted_at = cause.get("receivedAt") if isinstance(cause.get("receivedAt"), str) else None
+        self.scorer.replace(rfm_values(old_document), rfm_values(document))
+        predictions = stored.predictions if stored else {}
+        facts = CustomerFacts(document, await self._events(profile_id), won_back_at, predictions)
+        await self._decide_and_apply(profile_id, facts, f"profile.changed ({label})", accepted_at,
+                                     stored.next_evaluation_at if stored else None)
+        await self.store.put_profile(profile_id, document, partition, offset, won_back_at=won_back_at)
+        metrics.INPUTS.labels("profile.changed", "processed").inc()
+        return profile_id, document, old_document
 
     async def on_events_resolved(self, messages: Sequence[dict[str, Any]]) -> None:
         """A batch of ``events.resolved``: the events and orders of every run of messages between merges are
@@ -339,17 +551,7 @@ class SegmenterEngine:
         payloads = []
         for t in transitions:
             seq = stored.get(t.segment_id, (False, 0))[1] + 1
-            transition_id = f"{t.segment_id}:{profile_id}:{seq}"
-            payload: dict[str, Any] = {
-                "profileId": profile_id, "segmentId": t.segment_id, "segmentName": t.segment_name,
-                "change": t.change, "reason": t.reason, "at": iso(at), "transitionId": transition_id,
-            }
-            row = self.segment_rows.get(t.segment_id)
-            if row is not None:
-                payload["segmentVersion"] = row.version
-            if accepted_at:
-                payload["eventAcceptedAt"] = accepted_at
-            raw = orjson.dumps(payload)
+            transition_id, raw = self._payload(profile_id, t, seq, at, accepted_at)
             changes.append((t.segment_id, t.change == "entered", seq, transition_id, raw.decode()))
             payloads.append((transition_id, raw))
         await self.store.record_transitions(profile_id, changes, at)
@@ -360,6 +562,7 @@ class SegmenterEngine:
         await asyncio.gather(*futures)
         for t in transitions:
             metrics.MEMBERSHIP_CHANGES.labels(t.change).inc()
+        self._count_members([(t.segment_id, t.change) for t in transitions])
         await self.store.outbox_done_many([transition_id for transition_id, _ in payloads])
 
     async def _send_membership(self, profile_id: str, transition_id: str, raw: bytes) -> None:
@@ -379,6 +582,8 @@ class SegmenterEngine:
             rows = [r for r in rows if r["created_at"].replace(tzinfo=UTC) < cutoff]
         if not rows:
             return 0
+        # In the order they were decided: a customer's changes of one segment by their sequence number.
+        rows.sort(key=lambda r: (r["created_at"], _seq(r["transition_id"])))
         oldest = min(r["created_at"] for r in rows).replace(tzinfo=UTC)
         seen = await self._transition_ids_since(oldest - timedelta(seconds=30))
         sent = 0
@@ -432,13 +637,16 @@ class SegmenterEngine:
 
     # ---- the durable scheduler -------------------------------------------------------------------
     async def _scheduler_loop(self) -> None:
-        last_sweep = time.monotonic()
+        last_sweep = last_count = time.monotonic()
         while not self._stopping.is_set():
             try:
                 await self.run_due()
                 if time.monotonic() - last_sweep >= OUTBOX_SWEEP_S:
                     last_sweep = time.monotonic()
                     await self.recover_outbox(older_than=timedelta(seconds=OUTBOX_STUCK_S))
+                if time.monotonic() - last_count >= self.config.member_count_interval_s:
+                    last_count = time.monotonic()
+                    await self.recount_members()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -542,6 +750,7 @@ class SegmenterEngine:
             await self.store.backfill_progress(segment_id, "done", done, max(total, done))
             if segment_id in self.segment_rows:
                 self.segment_rows[segment_id].backfill_status = "done"
+            await self.recount_members()
             log.info("backfill of %s finished over %d profiles", segment_id, done)
         except asyncio.CancelledError:
             raise
@@ -572,16 +781,25 @@ class SegmenterEngine:
         """Store and publish predictions (a ``Predictions Updated`` event to events.raw) only when they
         moved materially since the last write — so the profile update they cause cannot loop back."""
         async with self.lock(profile_id):
-            stored = await self.store.profile(profile_id)
-            if stored is None or stored.deleted:
-                return False
-            if not materially_changed(stored.predictions, new, self.config.prediction_min_probability_change,
+            return bool(await self._write_predictions_locked({profile_id: new}, model_version))
+
+    async def _write_predictions_locked(self, new: dict[str, dict[str, Any]], model_version: str) -> int:
+        """:meth:`write_predictions` for many customers whose locks are held. Returns how many were written."""
+        known = {pid: (stored.predictions, stored.document)
+                 for pid, stored in (await self.store.profiles(list(new))).items() if not stored.deleted}
+        now = datetime.now(UTC)
+        futures = []
+        rows = []
+        for profile_id, values in new.items():
+            if profile_id not in known:
+                continue
+            predictions, document = known[profile_id]
+            if not materially_changed(predictions, values, self.config.prediction_min_probability_change,
                                       self.config.prediction_min_relative_change):
-                return False
-            merged = {**stored.predictions, **new}
-            now = datetime.now(UTC)
+                continue
+            merged = {**predictions, **values}
             digest = uuid.uuid5(uuid.NAMESPACE_URL, orjson.dumps(merged, option=orjson.OPT_SORT_KEYS).decode())
-            user_id = stored.document.get("user_id")
+            user_id = document.get("user_id")
             event = Event(
                 type="track", event="Predictions Updated", message_id=f"predictions-{profile_id}-{digest}",
                 timestamp=now, received_at=now, source="segmenter",
@@ -590,16 +808,40 @@ class SegmenterEngine:
                 properties={**merged, "model_version": model_version},
                 context={"loyalist": {"profileId": profile_id}},
             )
-            await self.producer.send_and_wait(self.raw_topic, encode_event(event), key=event.partition_key.encode())
-            await self.store.set_predictions(profile_id, merged)
-            metrics.PREDICTIONS_WRITTEN.inc()
-            return True
+            futures.append(await self.producer.send(self.raw_topic, encode_event(event),
+                                                    key=event.partition_key.encode()))
+            rows.append(self.store.predictions_row(profile_id, merged))
+        if not rows:
+            return 0
+        # The events acknowledged first: a crash before the store write publishes them again (same ids).
+        await asyncio.gather(*futures)
+        await self.store.write(rows)
+        metrics.PREDICTIONS_WRITTEN.inc(len(rows))
+        return len(rows)
 
     async def _all_orders(self) -> list[tuple[str, list[tuple[str, list[str]]]]]:
         by_profile: dict[str, list[tuple[str, list[str]]]] = {}
         async for order in self.store.all_orders():
             by_profile.setdefault(order["profile_id"], []).append((order["message_id"], list(order["products"] or [])))
         return list(by_profile.items())
+
+
+async def _retry_until_done(work: Callable[[], Awaitable[T]], what: str) -> T:
+    delay = 0.2
+    while True:
+        try:
+            return await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed; retrying in %.1fs", what, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _seq(transition_id: str) -> int:
+    tail = transition_id.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 def _references(rule: Rule) -> set[str]:

@@ -15,6 +15,9 @@ MEMBERSHIP_CHANGES = Counter("loyalist_segmenter_membership_changes_total", "seg
 SCHEDULER_LAG = Histogram("loyalist_segmenter_scheduler_lag_seconds",
                           "Delay between a due time-triggered evaluation and its execution", buckets=LATENCY_BUCKETS)
 SEGMENTS = Gauge("loyalist_segmenter_segments", "Live rule segments")
+SEGMENT_MEMBERS = Gauge("loyalist_segmenter_segment_members",
+                        "Customers in a rule segment (kept with every change, recounted from the store regularly)",
+                        ["segment_id", "segment_name"])
 PREDICTIONS_WRITTEN = Counter("loyalist_segmenter_predictions_written_total",
                               "Predictions Updated events produced (material changes only)")
 CLV_REFITS = Counter("loyalist_segmenter_clv_refits_total", "CLV model refits", ["outcome"])

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -38,6 +39,12 @@ log = logging.getLogger(__name__)
 
 CHURN = "churn"
 CLV = "clv"
+
+
+def _ordered(document: dict[str, Any], old_document: dict[str, Any]) -> bool:
+    """Whether this update brought a new order."""
+    last_order = parse_datetime(document.get("last_order_at"))
+    return last_order is not None and last_order != parse_datetime(old_document.get("last_order_at"))
 
 
 def _ms(when: datetime) -> datetime:
@@ -111,6 +118,57 @@ class ModelRuntime:
             latest = now
         self._remember_observed(profile_id, latest)
         return observation.prediction
+
+    async def observe_many(self, updates: Sequence[tuple[str, dict[str, Any], dict[str, Any]]],
+                           new_profiles: frozenset[str] = frozenset()) -> dict[str, float]:
+        """:meth:`observe` for a batch of profile updates (profile id, new document, previous document), in
+        order, with the pending observations of the customers that need them read together and the new
+        observations written together. ``new_profiles`` were never seen before (no observation to read).
+        Returns each customer's latest churn probability."""
+        now = _ms(datetime.now(UTC))
+        interval = timedelta(days=self.config.churn_observation_interval_days)
+        need: set[str] = set()
+        for profile_id, document, old_document in updates:
+            recent = self._latest_observed.get(profile_id)
+            if recent is None or now - recent >= interval or _ordered(document, old_document):
+                need.add(profile_id)
+        pending: dict[str, list[dict[str, Any]]] = {pid: [] for pid in need & new_profiles}
+        to_read = sorted(need - new_profiles)
+        if to_read:
+            pending.update(await self.store.observations_many(to_read))
+        rows = []
+        probabilities: dict[str, float] = {}
+        remembered: dict[str, datetime] = {}
+        for profile_id, document, old_document in updates:
+            observation = self.churn.observe(profile_id, document, now)
+            probabilities[profile_id] = observation.prediction
+            ordered = _ordered(document, old_document)
+            recent = remembered.get(profile_id) or self._latest_observed.get(profile_id)
+            if profile_id not in pending or (not ordered and recent is not None and now - recent < interval):
+                continue
+            waiting = pending[profile_id]
+            if ordered and waiting:
+                last_order = parse_datetime(document.get("last_order_at"))
+                observations = [Observation(p["profile_id"], p["observed_at"], p["features"], p["prediction"])
+                                for p in waiting]
+                labelled, _ = resolve_labels(observations, last_order, now, self.config.churn_label_days)
+                for obs, label in labelled:
+                    self._queue[(obs.profile_id, obs.observed_at)] = (obs, label)
+            latest = max((p["observed_at"] for p in waiting), default=None)
+            if ordered or latest is None or now - latest >= interval:
+                rows.append(self.store.observation_row(profile_id, now, observation.features,
+                                                       observation.prediction))
+                waiting[:] = [p for p in waiting if p["observed_at"] != now]
+                waiting.append({"profile_id": profile_id, "observed_at": now, "features": observation.features,
+                                "prediction": observation.prediction})
+                latest = now
+            if latest is not None:
+                remembered[profile_id] = latest
+        await self.store.write(rows)
+        # Only once written: a failed write is retried from the start and must not take the fast path.
+        for profile_id, latest in remembered.items():
+            self._remember_observed(profile_id, latest)
+        return probabilities
 
     def _remember_observed(self, profile_id: str, at: datetime) -> None:
         # Bounded: a forgotten profile only costs one store read on its next update.

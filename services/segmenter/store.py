@@ -17,6 +17,16 @@ from services.segmenter.domain.rules import EventRecord
 
 SCHEDULE_SHARDS = 16
 OUTBOX_SHARD = 0
+# Keys per multi-partition IN read.
+IN_CHUNK = 100
+
+
+# A logged batch stays below Cassandra's default batch_size_fail_threshold (50 KiB).
+LOGGED_BATCH_MAX_BYTES = 40 * 1024
+
+
+def _row_size(params: Sequence[Any]) -> int:
+    return 16 + sum(len(v) + 4 if isinstance(v, bytes | str) else 12 for v in params)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -35,6 +45,14 @@ class StoredProfile:
     next_evaluation_at: datetime | None
     predictions: dict[str, Any]
     deleted: bool
+
+
+@dataclass
+class Decided:
+    """Rows of one customer's decision: ``first`` written before ``rows`` (which go together)."""
+
+    first: list[Row]
+    rows: list[Row]
 
 
 @dataclass
@@ -95,11 +113,115 @@ class SegmenterStore:
                            "backfill_finished_at = ? WHERE segment_id = ?")
         self._put_model = p("INSERT INTO seg_models (name, version, created_at, data, meta) VALUES (?,?,?,?,?)")
         self._latest_model = p("SELECT version, created_at, data, meta FROM seg_models WHERE name = ? LIMIT 1")
+        # Batched stream path: many customers per request.
+        self._get_profiles = p("SELECT * FROM seg_profiles WHERE profile_id IN ?")
+        self._get_memberships_many = p(
+            "SELECT profile_id, segment_id, member, seq FROM seg_memberships WHERE profile_id IN ?")
+        self._get_observations_many = p("SELECT * FROM seg_churn_pending WHERE profile_id IN ?")
+        self._put_decided = p(
+            "UPDATE seg_profiles SET document = ?, source_partition = ?, source_offset = ?, deleted = false, "
+            "updated_at = ?, won_back_at = ?, next_evaluation_at = ? WHERE profile_id = ?")
+        self._put_document = p("UPDATE seg_profiles SET document = ?, updated_at = ?, won_back_at = ? "
+                               "WHERE profile_id = ?")
+        self._put_position = p("UPDATE seg_profiles SET source_partition = ?, source_offset = ?, deleted = false, "
+                               "next_evaluation_at = ? WHERE profile_id = ?")
 
     # ---- profiles --------------------------------------------------------------------------------
     async def profile(self, profile_id: str) -> StoredProfile | None:
         rows = await execute(self.s, self._get_profile, (profile_id,))
         return self._profile_row(rows[0]) if rows else None
+
+    async def _in_chunks(self, statement: Any, keys: Sequence[str]) -> list[dict[str, Any]]:
+        # Multi-partition IN reads, a bounded number of keys per request, the requests concurrently.
+        chunks = [list(keys[i:i + IN_CHUNK]) for i in range(0, len(keys), IN_CHUNK)]
+        results = await asyncio.gather(*(execute(self.s, statement, (chunk,)) for chunk in chunks))
+        return [row for rows in results for row in rows]
+
+    async def profiles(self, profile_ids: Sequence[str]) -> dict[str, StoredProfile]:
+        """The stored rows of many customers (absent ones are missing from the answer)."""
+        return {r["profile_id"]: self._profile_row(r) for r in await self._in_chunks(self._get_profiles, profile_ids)}
+
+    async def memberships_many(self, profile_ids: Sequence[str]) -> dict[str, dict[str, tuple[bool, int]]]:
+        out: dict[str, dict[str, tuple[bool, int]]] = {pid: {} for pid in profile_ids}
+        for r in await self._in_chunks(self._get_memberships_many, profile_ids):
+            out[r["profile_id"]][r["segment_id"]] = (bool(r["member"]), int(r["seq"] or 0))
+        return out
+
+    async def observations_many(self, profile_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {pid: [] for pid in profile_ids}
+        for r in await self._in_chunks(self._get_observations_many, profile_ids):
+            out[r["profile_id"]].append(self._observation_row(r))
+        return out
+
+    def decided_rows(self, profile_id: str, document: dict[str, Any], partition: int, offset: int,
+                     won_back_at: datetime | None, next_evaluation_at: datetime | None,
+                     previous_next: datetime | None,
+                     changes: Sequence[tuple[str, bool, int, str, str]], at: datetime) -> Decided:
+        """One customer's decided state as rows to write together (atomically when there is more than one):
+        the profile row with its Kafka position and next evaluation, the new schedule entry, and the
+        membership rows plus outbox rows of ``changes`` (as :meth:`record_transitions`)."""
+        rows: list[Row] = []
+        for segment_id, member, seq, transition_id, payload in changes:
+            rows.append((self._put_membership, (profile_id, segment_id, member, at, seq)))
+            if member:
+                rows.append((self._put_member, (segment_id, profile_id, at)))
+            else:
+                rows.append((self._del_member, (segment_id, profile_id)))
+            rows.append((self._put_outbox, (OUTBOX_SHARD, transition_id, payload, at)))
+        if next_evaluation_at is not None and next_evaluation_at != previous_next:
+            rows.append((self._put_schedule, (schedule_shard(profile_id), next_evaluation_at, profile_id)))
+        text = orjson.dumps(document).decode()
+        size = sum(_row_size(params) for _, params in rows) + len(text)
+        if rows and size > LOGGED_BATCH_MAX_BYTES // 2:
+            # A large document is written first, on its own (a logged batch has a size limit); the position
+            # that marks the input as done is written with the rest. A crash in between only means the input
+            # is decided again, against the state that is unchanged.
+            rows.append((self._put_position, (partition, offset, next_evaluation_at, profile_id)))
+            return Decided([(self._put_document, (text, at, won_back_at, profile_id))], rows)
+        rows.append((self._put_decided, (text, partition, offset, at, won_back_at, next_evaluation_at, profile_id)))
+        return Decided([], rows)
+
+    async def write_decided(self, decided: Sequence[Decided]) -> None:
+        """Write customers' decided state: each customer's rows in one batch (logged when several, so state,
+        position, schedule and outbox land together or not at all); customers with a single row share
+        unlogged batches. Every row is an idempotent upsert."""
+        first = [row for d in decided for row in d.first]
+        if first:
+            await execute_writes(self.s, first)
+        singles: list[Row] = []
+        logged: list[BatchStatement] = []
+        batch: BatchStatement | None = None
+        size = 0
+        for d in decided:
+            if len(d.rows) == 1:
+                singles.append(d.rows[0])
+                continue
+            rows_size = sum(_row_size(params) for _, params in d.rows)
+            if batch is None or (size and size + rows_size > LOGGED_BATCH_MAX_BYTES):
+                batch = BatchStatement(batch_type=BatchType.LOGGED)
+                logged.append(batch)
+                size = 0
+            for statement, params in d.rows:
+                batch.add(statement, params)
+            size += rows_size
+        await asyncio.gather(execute_writes(self.s, singles), *(execute(self.s, b) for b in logged))
+
+    def unschedule_row(self, profile_id: str, due: datetime) -> Row:
+        return (self._del_schedule, (schedule_shard(profile_id), due, profile_id))
+
+    def outbox_done_row(self, transition_id: str) -> Row:
+        return (self._del_outbox, (OUTBOX_SHARD, transition_id))
+
+    def observation_row(self, profile_id: str, observed_at: datetime, features: dict[str, float],
+                        prediction: float) -> Row:
+        return (self._add_observation, (profile_id, observed_at, orjson.dumps(features).decode(), prediction))
+
+    def predictions_row(self, profile_id: str, predictions: dict[str, Any]) -> Row:
+        return (self._set_predictions, (orjson.dumps(predictions).decode(), profile_id))
+
+    async def write(self, rows: Sequence[Row]) -> None:
+        """Idempotent rows in few unlogged batches."""
+        await execute_writes(self.s, rows)
 
     @staticmethod
     def _profile_row(r: dict[str, Any]) -> StoredProfile:

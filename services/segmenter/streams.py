@@ -1,108 +1,88 @@
-"""The segmenter's faust agents: thin — decode, hand to the engine (which decides, persists, emits).
+"""The segmenter's consumer: thin — decode, hand batches to the engine (which decides, persists, emits).
 
-Inputs are taken in small batches; one customer's messages stay in order, different customers run
-concurrently. faust acknowledges a batch only after the agent finished it (commit after the effect), and a
-failing effect is retried, never skipped.
+One batch consumer (:class:`loyalist.consumer.BatchConsumer`, group ``<namespace>-segmenter``) over
+``profile.changed`` and ``events.resolved``, not faust agents: faust's per-message machinery cost more CPU
+than the decisions. A batch is whatever the consumer has buffered — a few records under light load (low
+latency), thousands on a backlog. Its ``profile.changed`` records go to the engine in one call (one customer's
+messages in order), its ``events.resolved`` records in another, both at once. Offsets are committed only after
+both finished (commit after the effect); a failing batch is rewound and retried, never skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
-from collections.abc import Awaitable, Callable
-from functools import partial
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import faust
 import orjson
 
+from loyalist.consumer import BatchConsumer, Hook, Record, _Listener
+from loyalist.kafka import make_consumer
 from loyalist.metrics import STREAM_DURATION, STREAM_PROCESSED
-from loyalist.service import make_stream_app
 from loyalist.settings import Settings
 from loyalist.topics import EVENTS_RESOLVED, PROFILE_CHANGED
 from services.segmenter.engine import SegmenterEngine
 
 log = logging.getLogger(__name__)
 
-BATCH = 200
-RESOLVED_BATCH = 2000
-WITHIN_S = 0.05
+BATCH = 2000
 
 
-async def _retrying(work: Callable[[], Awaitable[None]], what: str) -> None:
-    delay = 0.2
-    while True:
-        try:
-            await work()
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s failed; retrying in %.1fs", what, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+class SegmenterConsumer(BatchConsumer):
+    """A :class:`BatchConsumer` subscribed to the two co-partitioned input topics."""
+
+    def __init__(self, settings: Settings, topics: list[str], **kwargs: Any) -> None:
+        super().__init__(settings, topics[0], **kwargs)
+        self.topics = topics
+
+    async def start(self) -> None:
+        self._consumer = make_consumer(self.settings, group_id=self.group_id,
+                                       client_id=f"{self.group_id}-{self.stage}", **self._consumer_options)
+        self.consumer.subscribe(self.topics, listener=_Listener(self))
+        await self.consumer.start()
+        self._task = asyncio.create_task(self._run(), name=f"{self.service}-{self.stage}")
 
 
-async def _by_customer(events: list[Any], handle: Callable[[Any], Awaitable[None]]) -> None:
-    groups: dict[bytes, list[Any]] = defaultdict(list)
-    for event in events:
-        groups[event.message.key or b""].append(event)
-
-    async def run(group: list[Any]) -> None:
-        for event in group:
-            await handle(event)
-
-    await asyncio.gather(*(run(g) for g in groups.values()))
+def _decode(value: bytes | None, agent: str) -> Any:
+    try:
+        return orjson.loads(value) if value is not None else None
+    except orjson.JSONDecodeError:
+        STREAM_PROCESSED.labels("segmenter", agent, "invalid").inc()
+        return None
 
 
-def build_stream_app(settings: Settings, get_engine: Callable[[], SegmenterEngine]) -> faust.App:
-    app = make_stream_app(settings, "segmenter")
-    changed = app.topic(settings.topic(PROFILE_CHANGED.name), key_type=bytes, value_type=bytes,
-                        key_serializer="raw", value_serializer="raw")
-    resolved = app.topic(settings.topic(EVENTS_RESOLVED.name), key_type=bytes, value_type=bytes,
-                         key_serializer="raw", value_serializer="raw")
+def build_consumer(settings: Settings, get_engine: Callable[[], SegmenterEngine], *, batch: int = BATCH,
+                   on_revoked: Hook | None = None) -> SegmenterConsumer:
+    changed_topic = settings.topic(PROFILE_CHANGED.name)
+    resolved_topic = settings.topic(EVENTS_RESOLVED.name)
 
-    @app.agent(changed)
-    async def profile_changed(stream: Any) -> None:
-        async for events in stream.take_events(BATCH, within=WITHIN_S):
-            async def handle(event: Any) -> None:
-                with _timer("profile_changed"):
-                    message = orjson.loads(event.value)
-                    await _retrying(lambda: get_engine().on_profile_changed(
-                        message, event.message.partition, event.message.offset), "profile.changed")
-                STREAM_PROCESSED.labels("segmenter", "profile_changed", "ok").inc()
+    async def profile_changed(records: Sequence[Record]) -> None:
+        items = []
+        for r in records:
+            message = _decode(r.value, "profile_changed")
+            if isinstance(message, dict):
+                items.append((message, r.partition, r.offset))
+        if items:
+            with STREAM_DURATION.labels("segmenter", "profile_changed").time():
+                await get_engine().on_profile_changed_batch(items)
+            STREAM_PROCESSED.labels("segmenter", "profile_changed", "ok").inc(len(items))
 
-            await _by_customer(list(events), handle)
-
-    @app.agent(resolved)
-    async def events_resolved(stream: Any) -> None:
-        # The whole batch at once: its events are stored with one round of writes (most of them only feed
-        # event-based rules and the co-purchase model), then the profiles they may move are decided.
-        async for values in stream.take(RESOLVED_BATCH, within=WITHIN_S):
-            messages = []
-            for value in values:
-                try:
-                    messages.append(orjson.loads(value))
-                except orjson.JSONDecodeError:
-                    STREAM_PROCESSED.labels("segmenter", "events_resolved", "invalid").inc()
-            with _timer("events_resolved"):
-                await _retrying(partial(get_engine().on_events_resolved, messages), "events.resolved")
+    async def events_resolved(records: Sequence[Record]) -> None:
+        # Its events are stored with one round of writes (most of them only feed event-based rules and the
+        # co-purchase model), then the profiles they may move are decided.
+        messages = [m for m in (_decode(r.value, "events_resolved") for r in records) if isinstance(m, dict)]
+        if messages:
+            with STREAM_DURATION.labels("segmenter", "events_resolved").time():
+                await get_engine().on_events_resolved(messages)
             STREAM_PROCESSED.labels("segmenter", "events_resolved", "ok").inc(len(messages))
 
-    return app
+    async def handle(records: Sequence[Record]) -> None:
+        changed = [r for r in records if r.topic == changed_topic]
+        resolved = [r for r in records if r.topic == resolved_topic]
+        await asyncio.gather(profile_changed(changed), events_resolved(resolved))
 
-
-class _timer:
-    def __init__(self, agent: str) -> None:
-        self.agent = agent
-
-    def __enter__(self) -> None:
-        import time
-
-        self.started = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        import time
-
-        STREAM_DURATION.labels("segmenter", self.agent).observe(time.perf_counter() - self.started)
+    # poll_ms only bounds an idle wait: getmany returns as soon as records arrive.
+    return SegmenterConsumer(settings, [changed_topic, resolved_topic], group_id=f"{settings.namespace}-segmenter",
+                             handler=handle, service="segmenter", stage="inputs", max_records=batch,
+                             on_revoked=on_revoked)
