@@ -16,7 +16,8 @@ from services.ingest.adapters.schema_files import load_schema_documents
 from services.ingest.adapters.sources import SourceStore
 from services.ingest.api import sdk, webhooks
 from services.ingest.api import sources as sources_api
-from services.ingest.api.tracking import tracking_router
+from services.ingest.api.fastpath import TrackingFastPath
+from services.ingest.api.tracking import tracking_endpoints, tracking_router
 from services.ingest.config import IngestConfig
 from services.ingest.domain.schemas import SchemaRegistry
 from services.ingest.pipeline import Ingestor
@@ -74,6 +75,9 @@ def create_app(settings: Settings | None = None, config: IngestConfig | None = N
             CORSMiddleware, allow_origins=origins, allow_methods=["POST", "GET", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "Content-Encoding"], max_age=86400,
         )
+    # Outermost: server-side tracking calls skip FastAPI's routing and middleware (same endpoints).
+    fast_routes = {**tracking_endpoints(), **tracking_endpoints(config.first_party_prefix)}
+    app.add_middleware(TrackingFastPath, routes=fast_routes)
     return app
 
 

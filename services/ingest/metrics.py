@@ -19,6 +19,10 @@ BATCH_SIZE = Histogram(
     "loyalist_ingest_batch_size_messages", "Messages per /v1/batch request",
     buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
 )
+COALESCED_CALLS = Histogram(
+    "loyalist_ingest_coalesced_calls", "Concurrent publish calls admitted and produced together (one Redis round trip)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 RATE_LIMITED = Counter("loyalist_ingest_rate_limited_total", "Requests refused by the rate limiter", ["source"])
 WEBHOOKS = Counter(
     "loyalist_ingest_webhooks_total", "Platform webhooks by outcome", ["platform", "topic", "outcome"]

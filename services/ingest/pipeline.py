@@ -5,8 +5,8 @@ publish to ``events.raw`` and wait for Kafka, then remember the ids.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,7 +22,7 @@ from services.ingest.adapters.kafka_sink import EventSink, KafkaUnavailable
 from services.ingest.config import IngestConfig
 from services.ingest.domain.schemas import SchemaRegistry
 from services.ingest.domain.tracking import MessageRejected, Rejection, normalize_message
-from services.ingest.metrics import DEDUP_HITS, EVENTS_ACCEPTED, EVENTS_REJECTED, RATE_LIMITED
+from services.ingest.metrics import COALESCED_CALLS, DEDUP_HITS, EVENTS_ACCEPTED, EVENTS_REJECTED, RATE_LIMITED
 
 
 @dataclass(slots=True)
@@ -71,6 +71,7 @@ class Ingestor:
         self.schemas = schemas
         self.config = config
         self.new_id = new_id
+        self._coalescer = _Coalescer(self)
 
     def prepare_calls(
         self,
@@ -117,42 +118,161 @@ class Ingestor:
         return prepared
 
     async def publish(self, prepared: Sequence[Prepared], *, source: str, limiter_id: str) -> Outcome:
-        """Admit, deduplicate, publish and wait for Kafka. Raises ``ApiError`` 429/503."""
-        outcome = Outcome(message_ids=[p.event.message_id for p in prepared])
+        """Admit, deduplicate, publish and wait for Kafka. Raises ``ApiError`` 429/503.
+
+        Concurrent calls are coalesced (see :class:`_Coalescer`): one Redis round trip admits every call
+        that arrived while the previous admission was in flight, their records go to Kafka together, and
+        each call is answered once *its* records are acknowledged (or refused)."""
         if not prepared:
-            return outcome
-        ids = outcome.message_ids
-        admission = await self.guard.admit(limiter_id, source, ids)
-        if not admission.allowed:
-            RATE_LIMITED.labels(source).inc()
-            EVENTS_REJECTED.labels(source, "rate_limited").inc(len(prepared))
-            retry_after = max(1, int(admission.retry_after_s + 0.999))
-            raise ApiError(429, "rate_limited", f"too many events for this write key; retry in {retry_after}s",
-                           headers={"Retry-After": str(retry_after)}, retryAfter=retry_after)
-        fresh: list[Prepared] = []
-        in_request: set[str] = set()
-        for item, seen in zip(prepared, admission.seen, strict=True):
-            mid = item.event.message_id
-            if seen or mid in in_request:
-                outcome.duplicates += 1
-                continue
-            in_request.add(mid)
-            fresh.append(item)
-        if outcome.duplicates:
-            DEDUP_HITS.labels(source).inc(outcome.duplicates)
+            return Outcome()
+        return await self._coalescer.submit(prepared, source, limiter_id)
+
+
+@dataclass(slots=True)
+class _Call:
+    prepared: Sequence[Prepared]
+    source: str
+    limiter_id: str
+    future: asyncio.Future[Outcome]
+
+
+@dataclass(slots=True)
+class _Admitted:
+    call: _Call
+    outcome: Outcome
+    fresh: list[Prepared]  # the call's records that this group publishes
+    needs: list[int]  # indices into the group's records that must be acknowledged for the call to succeed
+
+
+class _Coalescer:
+    """Groups concurrent ``publish`` calls. At most one admission (Redis) round trip is in flight; calls
+    arriving meanwhile wait for the next one, so under load a group holds every call of the last few
+    milliseconds and costs one Redis round trip for admission, one Kafka hand-off and one to remember the
+    ids, instead of those per call. With no concurrency a group is the single call, started in the same
+    loop iteration (no added delay).
+
+    Rate limiting stays per call (the token buckets are taken in arrival order); a message id repeated in
+    one group is published once and every call carrying it waits for that record's acknowledgement."""
+
+    def __init__(self, ingestor: Ingestor) -> None:
+        self.ingestor = ingestor
+        self._pending: list[_Call] = []
+        self._admitting = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepted: dict[tuple[str, str], Any] = {}
+
+    async def submit(self, prepared: Sequence[Prepared], source: str, limiter_id: str) -> Outcome:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outcome] = loop.create_future()
+        self._pending.append(_Call(prepared, source, limiter_id, future))
+        if not self._admitting:
+            self._admitting = True
+            # After the callbacks already queued in this iteration: requests read together go together.
+            loop.call_soon(self._start_group)
+        return await future
+
+    def _start_group(self) -> None:
+        calls, self._pending = self._pending, []
+        if not calls:
+            self._admitting = False
+            return
+        task = asyncio.get_running_loop().create_task(self._run_group(calls))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_group(self, calls: list[_Call]) -> None:
         try:
-            await self.sink.publish([(p.key, p.value) for p in fresh])
-        except KafkaUnavailable as exc:
-            # Records Kafka did acknowledge are remembered, so the client's retry does not write them twice.
-            acked = [p.event.message_id for p, ok in zip(fresh, exc.acked, strict=True) if ok]
-            await self.guard.remember(source, acked)
-            EVENTS_REJECTED.labels(source, "kafka_unavailable").inc(len(fresh))
-            retry_after = self.config.retry_after_s
-            raise ApiError(503, "kafka_unavailable", "the event log is unavailable; retry later",
-                           headers={"Retry-After": str(retry_after)}, retryAfter=retry_after) from exc
-        await self.guard.remember(source, [p.event.message_id for p in fresh])
-        outcome.accepted = len(prepared)
-        by_type = Counter(p.event.type for p in fresh)
-        for call_type, count in by_type.items():
-            EVENTS_ACCEPTED.labels(source, call_type).inc(count)
-        return outcome
+            try:
+                admitted, records = await self._admit(calls)
+            finally:
+                # Admission done: the calls that arrived meanwhile form the next group.
+                self._start_group()
+            if admitted:
+                await self._publish(admitted, records)
+        except BaseException as exc:
+            for call in calls:
+                if not call.future.done():
+                    call.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _admit(self, calls: list[_Call]) -> tuple[list[_Admitted], list[tuple[str, Prepared]]]:
+        ingestor = self.ingestor
+        COALESCED_CALLS.observe(len(calls))
+        ids = [(call.source, p.event.message_id) for call in calls for p in call.prepared]
+        admission = await ingestor.guard.admit([(call.limiter_id, len(call.prepared)) for call in calls], ids)
+        admitted: list[_Admitted] = []
+        records: list[tuple[str, Prepared]] = []  # (source, record) published by this group
+        first: dict[tuple[str, str], int] = {}  # (source, message id) → index in records
+        position = 0
+        for call, allowed, wait in zip(calls, admission.allowed, admission.retry_after_s, strict=True):
+            n = len(call.prepared)
+            if not allowed:
+                position += n
+                source = call.source
+                RATE_LIMITED.labels(source).inc()
+                EVENTS_REJECTED.labels(source, "rate_limited").inc(n)
+                retry_after = max(1, int(wait + 0.999))
+                if not call.future.done():
+                    call.future.set_exception(ApiError(
+                        429, "rate_limited", f"too many events for this write key; retry in {retry_after}s",
+                        headers={"Retry-After": str(retry_after)}, retryAfter=retry_after))
+                continue
+            outcome = Outcome(message_ids=[p.event.message_id for p in call.prepared])
+            fresh: list[Prepared] = []
+            needs: list[int] = []
+            for item, seen in zip(call.prepared, admission.seen[position:position + n], strict=True):
+                if seen:
+                    outcome.duplicates += 1
+                    continue
+                key = (call.source, item.event.message_id)
+                index = first.get(key)
+                if index is not None:
+                    # Repeated in this group: published once; this call succeeds when that record is acked.
+                    outcome.duplicates += 1
+                    needs.append(index)
+                    continue
+                first[key] = len(records)
+                needs.append(len(records))
+                records.append((call.source, item))
+                fresh.append(item)
+            position += n
+            if outcome.duplicates:
+                DEDUP_HITS.labels(call.source).inc(outcome.duplicates)
+            admitted.append(_Admitted(call, outcome, fresh, needs))
+        return admitted, records
+
+    async def _publish(self, admitted: list[_Admitted], records: list[tuple[str, Prepared]]) -> None:
+        ingestor = self.ingestor
+        failed = False
+        acked = [True] * len(records)
+        if records:
+            try:
+                await ingestor.sink.publish([(p.key, p.value) for _, p in records])
+            except KafkaUnavailable as exc:
+                # Records Kafka did acknowledge are remembered, so the client's retry does not write them twice.
+                acked = exc.acked
+                failed = True
+            await ingestor.guard.remember(
+                [(source, p.event.message_id) for (source, p), ok in zip(records, acked, strict=True) if ok])
+        retry_after = ingestor.config.retry_after_s
+        for a in admitted:
+            call = a.call
+            if failed and not all(acked[i] for i in a.needs):
+                EVENTS_REJECTED.labels(call.source, "kafka_unavailable").inc(len(a.fresh))
+                if not call.future.done():
+                    call.future.set_exception(ApiError(
+                        503, "kafka_unavailable", "the event log is unavailable; retry later",
+                        headers={"Retry-After": str(retry_after)}, retryAfter=retry_after))
+                continue
+            a.outcome.accepted = len(call.prepared)
+            for item in a.fresh:
+                self._accepted_counter(call.source, item.event.type).inc()
+            if not call.future.done():
+                call.future.set_result(a.outcome)
+
+    def _accepted_counter(self, source: str, call_type: str) -> Any:
+        counter = self._accepted.get((source, call_type))
+        if counter is None:
+            counter = self._accepted[(source, call_type)] = EVENTS_ACCEPTED.labels(source, call_type)
+        return counter

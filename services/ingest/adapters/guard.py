@@ -21,37 +21,60 @@ from services.ingest.metrics import REDIS_DEGRADED
 
 log = logging.getLogger(__name__)
 
-# Token bucket on the Redis server clock (replicas' clocks may differ). KEYS[1] the bucket; ARGV rate per
-# second, burst, cost. Returns {allowed (0/1), seconds to wait (string)}.
-_TOKEN_BUCKET = """
+# Token buckets on the Redis server clock (replicas' clocks may differ), for several requests at once (the
+# requests coalesced by the pipeline), in order: KEYS[i] the bucket of request i (a key may repeat); ARGV rate
+# per second, burst, then the cost of each request. Returns {allowed_1 (0/1), wait_1 (seconds, string), ...}.
+# A refused request takes no tokens.
+_TOKEN_BUCKETS = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens = tonumber(state[1])
-local at = tonumber(state[2])
-if tokens == nil then tokens = burst; at = now end
-tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
-local allowed = 0
-local wait = 0
-if tokens >= cost then
-  tokens = tokens - cost
-  allowed = 1
-else
-  wait = (cost - tokens) / rate
+local buckets = {}
+local order = {}
+local out = {}
+for i, key in ipairs(KEYS) do
+  local tokens = buckets[key]
+  if tokens == nil then
+    local state = redis.call('HMGET', key, 'tokens', 'at')
+    tokens = tonumber(state[1])
+    local at = tonumber(state[2])
+    if tokens == nil then tokens = burst; at = now end
+    tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+    order[#order + 1] = key
+  end
+  local cost = tonumber(ARGV[2 + i])
+  if tokens >= cost then
+    tokens = tokens - cost
+    out[#out + 1] = 1
+    out[#out + 1] = '0'
+  else
+    out[#out + 1] = 0
+    out[#out + 1] = tostring((cost - tokens) / rate)
+  end
+  buckets[key] = tokens
 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
-return {allowed, tostring(wait)}
+local ttl = math.ceil(burst / rate * 1000) + 1000
+for _, key in ipairs(order) do
+  redis.call('HSET', key, 'tokens', tostring(buckets[key]), 'at', tostring(now))
+  redis.call('PEXPIRE', key, ttl)
+end
+return out
+"""
+
+# SET key 1 EX ttl for every key, in one command (ARGV[1] the ttl in seconds).
+_REMEMBER = """
+for _, key in ipairs(KEYS) do
+  redis.call('SET', key, '1', 'EX', ARGV[1])
+end
+return #KEYS
 """
 
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    allowed: bool
-    retry_after_s: float
+    allowed: list[bool]  # per request
+    retry_after_s: list[float]  # per request: seconds until it would be allowed (0 when allowed)
     seen: list[bool]  # per message id: already accepted within the dedup window
 
 
@@ -62,44 +85,53 @@ class IngestGuard:
         self.rate_per_s = rate_per_s
         self.burst = burst
         self.dedup_ttl_s = dedup_ttl_s
-        self._bucket = redis.register_script(_TOKEN_BUCKET)
+        self._seen_prefix = settings.redis_key("ingest", "seen", "")
+        self._bucket_keys: dict[str, str] = {}
 
     def dedup_key(self, source: str, message_id: str) -> str:
-        return self.settings.redis_key("ingest", "seen", source, message_id)
+        return f"{self._seen_prefix}{source}:{message_id}"
 
     def bucket_key(self, limiter_id: str) -> str:
-        return self.settings.redis_key("ingest", "rate", limiter_id)
+        key = self._bucket_keys.get(limiter_id)
+        if key is None:
+            if len(self._bucket_keys) > 10_000:
+                self._bucket_keys.clear()
+            key = self._bucket_keys[limiter_id] = self.settings.redis_key("ingest", "rate", limiter_id)
+        return key
 
-    async def admit(self, limiter_id: str, source: str, message_ids: Sequence[str]) -> Admission:
-        """One round trip: take ``len(message_ids)`` tokens and look the ids up in the dedup window."""
-        cost = max(1, min(len(message_ids), self.burst))
+    async def admit(self, requests: Sequence[tuple[str, int]], ids: Sequence[tuple[str, str]]) -> Admission:
+        """One round trip for any number of requests: take each request's tokens (``(limiter_id, events)``,
+        in order) and look every ``(source, message_id)`` up in the dedup window."""
+        burst = self.burst
+        keys = [self.bucket_key(limiter) for limiter, _ in requests]
+        costs = [max(1, min(n, burst)) for _, n in requests]
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                await self._bucket(keys=[self.bucket_key(limiter_id)], args=[self.rate_per_s, self.burst, cost],
-                                   client=pipe)
-                if message_ids:
-                    pipe.mget([self.dedup_key(source, m) for m in message_ids])
+                pipe.eval(_TOKEN_BUCKETS, len(keys), *keys, self.rate_per_s, burst, *costs)
+                if ids:
+                    pipe.mget([self.dedup_key(source, m) for source, m in ids])
                 results = await pipe.execute()
         except Exception as exc:
             REDIS_DEGRADED.labels("admit").inc()
             log.warning("redis unavailable for admission (%s); accepting without dedup/rate limit", exc)
-            return Admission(True, 0.0, [False] * len(message_ids))
-        allowed, wait = results[0]
-        seen = [v is not None for v in results[1]] if message_ids else []
-        return Admission(bool(int(allowed)), float(wait), seen)
+            return Admission([True] * len(requests), [0.0] * len(requests), [False] * len(ids))
+        flat = results[0]
+        allowed = [bool(int(a)) for a in flat[0::2]]
+        waits = [float(w) for w in flat[1::2]]
+        seen = [v is not None for v in results[1]] if ids else []
+        return Admission(allowed, waits, seen)
 
-    async def remember(self, source: str, message_ids: Sequence[str]) -> None:
-        """Record ids acknowledged by Kafka so resends within the window are recognised."""
-        if not message_ids:
+    async def remember(self, ids: Sequence[tuple[str, str]]) -> None:
+        """Record ``(source, message_id)`` pairs acknowledged by Kafka so resends within the window are
+        recognised."""
+        if not ids:
             return
+        keys = [self.dedup_key(source, m) for source, m in ids]
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for m in message_ids:
-                    pipe.set(self.dedup_key(source, m), b"1", ex=self.dedup_ttl_s)
-                await pipe.execute()
+            await self.redis.eval(_REMEMBER, len(keys), *keys, self.dedup_ttl_s)
         except Exception as exc:
             REDIS_DEGRADED.labels("remember").inc()
-            log.warning("redis unavailable to record %d ids (%s); downstream dedups", len(message_ids), exc)
+            log.warning("redis unavailable to record %d ids (%s); downstream dedups", len(ids), exc)
 
     async def remember_order_customer(self, platform: str, shop: str, order_id: str, who: dict[str, str],
                                       ttl_s: int = 400 * 24 * 3600) -> None:

@@ -93,11 +93,19 @@ async def batch_call(request: Request) -> Response:
     return json_response({"success": True, **summary})
 
 
+_HANDLERS = {call_type: _single_handler(call_type) for call_type in CALL_TYPES}
+
+
+def tracking_endpoints(prefix: str = "") -> dict[str, Any]:
+    """Path → endpoint of every tracking route (what :class:`TrackingFastPath` serves directly)."""
+    return {**{f"{prefix}/v1/{t}": handler for t, handler in _HANDLERS.items()}, f"{prefix}/v1/batch": batch_call}
+
+
 def tracking_router(prefix: str = "", *, include_in_schema: bool = True) -> APIRouter:
     router = APIRouter(prefix=prefix, tags=["tracking"], include_in_schema=include_in_schema)
     for call_type in CALL_TYPES:
         router.add_api_route(
-            f"/v1/{call_type}", _single_handler(call_type), methods=["POST"], summary=_SUMMARIES[call_type],
+            f"/v1/{call_type}", _HANDLERS[call_type], methods=["POST"], summary=_SUMMARIES[call_type],
             response_model=SUCCESS, responses=RESPONSES, openapi_extra=CALL_BODIES[call_type],
             operation_id=f"{call_type}{'_first_party' if prefix else ''}",
         )
