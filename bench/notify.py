@@ -172,9 +172,10 @@ async def measure(settings: Settings, log: ArrivalLog, args: argparse.Namespace,
     # warm-up: connections, templates, prepared statements
     warm = await produce(settings, f"{run}w", range(20), None, kind)
     await wait_arrivals(log, warm, 60)
-    if len([m for m in warm if m in log.arrived]) < len(warm):
-        return {"kind": kind, "not_measured": f"{len(warm) - len(log.arrived)} of {len(warm)} warm-up emails "
-                                              "did not arrive in 60 s (notify skipped or failed them?)"}
+    missing = len([m for m in warm if m not in log.arrived])
+    if missing:
+        return {"kind": kind, "not_measured": f"{missing} of {len(warm)} warm-up emails did not arrive in 60 s "
+                                              "(notify skipped or failed them? see its delivery log)"}
 
     say(f"notify: {args.smtp_burst} {kind} emails produced at once ...")
     burst = await produce(settings, run, range(args.smtp_burst), None, kind)
