@@ -304,9 +304,13 @@ class Notifier:
                 SEND_DURATION.labels(req.channel).observe(time.perf_counter() - started)
         self.crash.maybe_crash("after_send")
         sent_at = self.clock()
-        recorded = await self.store.transition(req.idempotency_key, "sending", self.owner, "sent", sent_at,
-                                               sent_at=sent_at, provider_id=delivered.provider_id,
-                                               attempts=attempts + 1, reason=None, detail=None)
+        # The sent record and the follow-ups (history, `Email Sent`) go together: the follow-ups are idempotent
+        # and tell of a send that happened either way; only the flag that they are done waits for both.
+        recorded, _ = await asyncio.gather(
+            self.store.transition(req.idempotency_key, "sending", self.owner, "sent", sent_at,
+                                  sent_at=sent_at, provider_id=delivered.provider_id,
+                                  attempts=attempts + 1, reason=None, detail=None),
+            self._follow_ups(req, user_id, recipient, sent_at))
         if not recorded:
             # Our lease expired mid-send and another worker took the message over: it may send it again.
             log.error("message %s was sent but its claim had been taken over; a duplicate is possible",
@@ -315,7 +319,7 @@ class Notifier:
         SENT.labels(req.channel, req.category).inc()
         started_at = req.event_accepted_at or req.requested_at
         DELIVERY_LATENCY.labels(req.channel).observe(max(0.0, (sent_at - started_at).total_seconds()))
-        await self._after_sent(req, user_id, recipient, sent_at, first_time=True)
+        await self.store.mark_feedback_done(req.idempotency_key)
         return "sent"
 
     def _render(self, req: MessageRequest, template: Template | None, profile: Mapping[str, Any] | None,
@@ -375,6 +379,11 @@ class Notifier:
     async def _after_sent(self, req: MessageRequest, user_id: str | None, recipient: str | None,
                           sent_at: datetime | None, *, first_time: bool) -> None:
         """History for caps and the feedback event; both idempotent, redone after a crash until flagged done."""
+        await self._follow_ups(req, user_id, recipient, sent_at)
+        await self.store.mark_feedback_done(req.idempotency_key)
+
+    async def _follow_ups(self, req: MessageRequest, user_id: str | None, recipient: str | None,
+                          sent_at: datetime | None) -> None:
         at = sent_at.replace(tzinfo=self.clock().tzinfo) if sent_at and sent_at.tzinfo is None else sent_at
         at = at or self.clock()
         follow_ups: list[Awaitable[Any]] = [self.feedback.emit(
@@ -385,7 +394,6 @@ class Notifier:
             follow_ups.append(self.store.record_sent(req.profile_id, req.channel, at, req.idempotency_key,
                                                      req.category))
         await asyncio.gather(*follow_ups)
-        await self.store.mark_feedback_done(req.idempotency_key)
 
     def _event_properties(self, req: MessageRequest, recipient: str | None, **extra: Any) -> dict[str, Any]:
         props: dict[str, Any] = {
