@@ -176,12 +176,15 @@ def resources(request: Request) -> Resources:
     return request.app.state.resources  # type: ignore[no-any-return]
 
 
-def run_service(service: str, create_app: Callable[[Settings], FastAPI]) -> None:
+def run_service(service: str, create_app: Callable[[Settings], FastAPI], *,
+                wrap: Callable[[FastAPI], Any] | None = None) -> None:
+    """Serve the app under uvicorn. ``wrap`` puts an ASGI layer in front of the whole FastAPI app (e.g. a
+    short path for a service's hot endpoints)."""
     settings = Settings()
     configure_logging(settings, service)
     app = create_app(settings)
     uvicorn.run(
-        app,
+        wrap(app) if wrap is not None else app,
         host=settings.host,
         port=settings.service_port(service),
         log_level=settings.log_level.lower(),

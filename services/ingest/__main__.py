@@ -1,4 +1,4 @@
 from loyalist.service import run_service
-from services.ingest.app import create_app
+from services.ingest.app import create_app, serve_fast
 
-run_service("ingest", create_app)
+run_service("ingest", create_app, wrap=serve_fast)

@@ -75,10 +75,14 @@ def create_app(settings: Settings | None = None, config: IngestConfig | None = N
             CORSMiddleware, allow_origins=origins, allow_methods=["POST", "GET", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "Content-Encoding"], max_age=86400,
         )
-    # Outermost: server-side tracking calls skip FastAPI's routing and middleware (same endpoints).
-    fast_routes = {**tracking_endpoints(), **tracking_endpoints(config.first_party_prefix)}
-    app.add_middleware(TrackingFastPath, routes=fast_routes)
     return app
+
+
+def serve_fast(app: FastAPI) -> TrackingFastPath:
+    """The ASGI app ``python -m services.ingest`` serves: server-side tracking calls skip FastAPI's stack
+    (same endpoints); everything else is the FastAPI app."""
+    prefix = app.state.config.first_party_prefix
+    return TrackingFastPath(app, routes={**tracking_endpoints(), **tracking_endpoints(prefix)})
 
 
 

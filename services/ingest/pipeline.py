@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from loyalist.events import Event
 from loyalist.http import ApiError
-from services.ingest.adapters.guard import IngestGuard
+from services.ingest.adapters.guard import Admission, IngestGuard
 from services.ingest.adapters.kafka_sink import EventSink, KafkaUnavailable
 from services.ingest.config import IngestConfig
 from services.ingest.domain.schemas import SchemaRegistry
@@ -144,63 +144,92 @@ class _Admitted:
     needs: list[int]  # indices into the group's records that must be acknowledged for the call to succeed
 
 
-class _Coalescer:
-    """Groups concurrent ``publish`` calls. At most one admission (Redis) round trip is in flight; calls
-    arriving meanwhile wait for the next one, so under load a group holds every call of the last few
-    milliseconds and costs one Redis round trip for admission, one Kafka hand-off and one to remember the
-    ids, instead of those per call. With no concurrency a group is the single call, started in the same
-    loop iteration (no added delay).
+@dataclass(slots=True)
+class _Produced:
+    """A group whose records Kafka answered for, waiting for its acknowledged ids to be remembered."""
 
-    Rate limiting stays per call (the token buckets are taken in arrival order); a message id repeated in
-    one group is published once and every call carrying it waits for that record's acknowledgement."""
+    admitted: list[_Admitted]
+    ids: list[tuple[str, str]]  # (source, message id) of the acknowledged records
+    acked: list[bool]  # per record of the group
+    failed: bool
+
+
+class _Coalescer:
+    """Groups concurrent ``publish`` calls around Redis round trips. At most one round trip is in flight;
+    it carries the admission of every call that arrived since the previous one (token buckets + dedup
+    lookup) and the ids of every group Kafka acknowledged since then (remembered before those groups are
+    answered). Under load a call therefore costs a share of one Redis round trip and of one Kafka hand-off
+    instead of two round trips and a send of its own; with no concurrency a group is the single call,
+    started in the same loop iteration (no added delay).
+
+    Each call is still answered only after *its* records are acknowledged (or refused: 429/503). Rate
+    limiting stays per call (buckets are taken in arrival order); a message id repeated within one group
+    is published once and every call carrying it waits for that record."""
 
     def __init__(self, ingestor: Ingestor) -> None:
         self.ingestor = ingestor
-        self._pending: list[_Call] = []
-        self._admitting = False
+        self._calls: list[_Call] = []
+        self._produced: list[_Produced] = []
+        self._busy = False  # a round trip is scheduled or in flight
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepted: dict[tuple[str, str], Any] = {}
 
     async def submit(self, prepared: Sequence[Prepared], source: str, limiter_id: str) -> Outcome:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outcome] = loop.create_future()
-        self._pending.append(_Call(prepared, source, limiter_id, future))
-        if not self._admitting:
-            self._admitting = True
-            # After the callbacks already queued in this iteration: requests read together go together.
-            loop.call_soon(self._start_group)
+        self._calls.append(_Call(prepared, source, limiter_id, future))
+        self._kick(loop)
         return await future
 
-    def _start_group(self) -> None:
-        calls, self._pending = self._pending, []
-        if not calls:
-            self._admitting = False
+    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._busy:
+            self._busy = True
+            # After the callbacks already queued in this iteration: requests read together go together.
+            loop.call_soon(self._start_round)
+
+    def _start_round(self) -> None:
+        calls, self._calls = self._calls, []
+        produced, self._produced = self._produced, []
+        if not calls and not produced:
+            self._busy = False
             return
-        task = asyncio.get_running_loop().create_task(self._run_group(calls))
+        self._spawn(self._round(calls, produced))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_group(self, calls: list[_Call]) -> None:
+    async def _round(self, calls: list[_Call], produced: list[_Produced]) -> None:
         try:
             try:
-                admitted, records = await self._admit(calls)
+                if calls:
+                    COALESCED_CALLS.observe(len(calls))
+                remember = [i for p in produced for i in p.ids]
+                requests = [(call.limiter_id, len(call.prepared)) for call in calls]
+                ids = [(call.source, p.event.message_id) for call in calls for p in call.prepared]
+                admission = await self.ingestor.guard.admit(requests, ids, remember=remember)
             finally:
-                # Admission done: the calls that arrived meanwhile form the next group.
-                self._start_group()
-            if admitted:
-                await self._publish(admitted, records)
+                # This round trip is done: whatever arrived meanwhile goes in the next one.
+                self._start_round()
+            for group in produced:
+                self._answer(group)
+            if calls:
+                admitted, records = self._decide(calls, admission)
+                if admitted:
+                    self._spawn(self._produce(admitted, records))
         except BaseException as exc:
-            for call in calls:
-                if not call.future.done():
-                    call.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+            self._fail([c.future for c in calls] + [a.call.future for p in produced for a in p.admitted], exc)
             if not isinstance(exc, Exception):
                 raise
 
-    async def _admit(self, calls: list[_Call]) -> tuple[list[_Admitted], list[tuple[str, Prepared]]]:
-        ingestor = self.ingestor
-        COALESCED_CALLS.observe(len(calls))
-        ids = [(call.source, p.event.message_id) for call in calls for p in call.prepared]
-        admission = await ingestor.guard.admit([(call.limiter_id, len(call.prepared)) for call in calls], ids)
+    @staticmethod
+    def _fail(futures: list[asyncio.Future[Outcome]], exc: BaseException) -> None:
+        for future in futures:
+            if not future.done():
+                future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+
+    def _decide(self, calls: list[_Call], admission: Admission) -> tuple[list[_Admitted], list[tuple[str, Prepared]]]:
         admitted: list[_Admitted] = []
         records: list[tuple[str, Prepared]] = []  # (source, record) published by this group
         first: dict[tuple[str, str], int] = {}  # (source, message id) → index in records
@@ -242,23 +271,35 @@ class _Coalescer:
             admitted.append(_Admitted(call, outcome, fresh, needs))
         return admitted, records
 
-    async def _publish(self, admitted: list[_Admitted], records: list[tuple[str, Prepared]]) -> None:
-        ingestor = self.ingestor
-        failed = False
-        acked = [True] * len(records)
-        if records:
-            try:
-                await ingestor.sink.publish([(p.key, p.value) for _, p in records])
-            except KafkaUnavailable as exc:
-                # Records Kafka did acknowledge are remembered, so the client's retry does not write them twice.
-                acked = exc.acked
-                failed = True
-            await ingestor.guard.remember(
-                [(source, p.event.message_id) for (source, p), ok in zip(records, acked, strict=True) if ok])
-        retry_after = ingestor.config.retry_after_s
-        for a in admitted:
+    async def _produce(self, admitted: list[_Admitted], records: list[tuple[str, Prepared]]) -> None:
+        try:
+            failed = False
+            acked = [True] * len(records)
+            if records:
+                try:
+                    await self.ingestor.sink.publish([(p.key, p.value) for _, p in records])
+                except KafkaUnavailable as exc:
+                    # Acknowledged records are remembered too, so the client's retry does not write them twice.
+                    acked = exc.acked
+                    failed = True
+            ids = [(source, p.event.message_id) for (source, p), ok in zip(records, acked, strict=True) if ok]
+            group = _Produced(admitted, ids, acked, failed)
+            if not ids:
+                self._answer(group)
+                return
+            self._produced.append(group)
+            self._kick(asyncio.get_running_loop())
+        except BaseException as exc:
+            self._fail([a.call.future for a in admitted], exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _answer(self, group: _Produced) -> None:
+        retry_after = self.ingestor.config.retry_after_s
+        acked = group.acked
+        for a in group.admitted:
             call = a.call
-            if failed and not all(acked[i] for i in a.needs):
+            if group.failed and not all(acked[i] for i in a.needs):
                 EVENTS_REJECTED.labels(call.source, "kafka_unavailable").inc(len(a.fresh))
                 if not call.future.done():
                     call.future.set_exception(ApiError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from redis.asyncio import Redis
@@ -21,53 +22,61 @@ from services.ingest.metrics import REDIS_DEGRADED
 
 log = logging.getLogger(__name__)
 
-# Token buckets on the Redis server clock (replicas' clocks may differ), for several requests at once (the
-# requests coalesced by the pipeline), in order: KEYS[i] the bucket of request i (a key may repeat); ARGV rate
-# per second, burst, then the cost of each request. Returns {allowed_1 (0/1), wait_1 (seconds, string), ...}.
-# A refused request takes no tokens.
-_TOKEN_BUCKETS = """
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local buckets = {}
-local order = {}
-local out = {}
-for i, key in ipairs(KEYS) do
-  local tokens = buckets[key]
-  if tokens == nil then
-    local state = redis.call('HMGET', key, 'tokens', 'at')
-    tokens = tonumber(state[1])
-    local at = tonumber(state[2])
-    if tokens == nil then tokens = burst; at = now end
-    tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
-    order[#order + 1] = key
-  end
-  local cost = tonumber(ARGV[2 + i])
-  if tokens >= cost then
-    tokens = tokens - cost
-    out[#out + 1] = 1
-    out[#out + 1] = '0'
-  else
-    out[#out + 1] = 0
-    out[#out + 1] = tostring((cost - tokens) / rate)
-  end
-  buckets[key] = tokens
+# One Redis round trip of the ingest pipeline (see ``services/ingest/pipeline.py``), in one command:
+#   1. remember: SET <key> 1 EX <ttl> for the ids Kafka acknowledged since the previous round trip;
+#   2. token buckets on the Redis server clock (replicas' clocks may differ), one take per request, in order
+#      (a key may repeat; a refused request takes no tokens);
+#   3. dedup lookup: whether each id of the admitted requests was already accepted.
+# KEYS: the nr remember keys, then the nb bucket keys, then the dedup keys.
+# ARGV: nr, nb, ttl (s), rate (tokens/s), burst, then the nb costs.
+# Returns {allowed_1 (0/1), wait_1 (seconds, string), ..., allowed_nb, wait_nb, seen_1 (0/1), ...}.
+_ROUND = """
+local nr = tonumber(ARGV[1])
+local nb = tonumber(ARGV[2])
+local ttl = ARGV[3]
+for i = 1, nr do
+  redis.call('SET', KEYS[i], '1', 'EX', ttl)
 end
-local ttl = math.ceil(burst / rate * 1000) + 1000
-for _, key in ipairs(order) do
-  redis.call('HSET', key, 'tokens', tostring(buckets[key]), 'at', tostring(now))
-  redis.call('PEXPIRE', key, ttl)
+local out = {}
+if nb > 0 then
+  local rate = tonumber(ARGV[4])
+  local burst = tonumber(ARGV[5])
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local buckets = {}
+  local order = {}
+  for i = 1, nb do
+    local key = KEYS[nr + i]
+    local tokens = buckets[key]
+    if tokens == nil then
+      local state = redis.call('HMGET', key, 'tokens', 'at')
+      tokens = tonumber(state[1])
+      local at = tonumber(state[2])
+      if tokens == nil then tokens = burst; at = now end
+      tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+      order[#order + 1] = key
+    end
+    local cost = tonumber(ARGV[5 + i])
+    if tokens >= cost then
+      tokens = tokens - cost
+      out[#out + 1] = 1
+      out[#out + 1] = '0'
+    else
+      out[#out + 1] = 0
+      out[#out + 1] = tostring((cost - tokens) / rate)
+    end
+    buckets[key] = tokens
+  end
+  local expire = math.ceil(burst / rate * 1000) + 1000
+  for _, key in ipairs(order) do
+    redis.call('HSET', key, 'tokens', tostring(buckets[key]), 'at', tostring(now))
+    redis.call('PEXPIRE', key, expire)
+  end
+end
+for i = nr + nb + 1, #KEYS do
+  out[#out + 1] = redis.call('EXISTS', KEYS[i])
 end
 return out
-"""
-
-# SET key 1 EX ttl for every key, in one command (ARGV[1] the ttl in seconds).
-_REMEMBER = """
-for _, key in ipairs(KEYS) do
-  redis.call('SET', key, '1', 'EX', ARGV[1])
-end
-return #KEYS
 """
 
 
@@ -86,6 +95,7 @@ class IngestGuard:
         self.burst = burst
         self.dedup_ttl_s = dedup_ttl_s
         self._seen_prefix = settings.redis_key("ingest", "seen", "")
+        self._round = redis.register_script(_ROUND)
         self._bucket_keys: dict[str, str] = {}
 
     def dedup_key(self, source: str, message_id: str) -> str:
@@ -99,39 +109,33 @@ class IngestGuard:
             key = self._bucket_keys[limiter_id] = self.settings.redis_key("ingest", "rate", limiter_id)
         return key
 
-    async def admit(self, requests: Sequence[tuple[str, int]], ids: Sequence[tuple[str, str]]) -> Admission:
-        """One round trip for any number of requests: take each request's tokens (``(limiter_id, events)``,
-        in order) and look every ``(source, message_id)`` up in the dedup window."""
+    async def admit(self, requests: Sequence[tuple[str, int]], ids: Sequence[tuple[str, str]], *,
+                    remember: Sequence[tuple[str, str]] = ()) -> Admission:
+        """One round trip (one command) for any number of requests: first record ``remember`` — the
+        ``(source, message_id)`` pairs Kafka acknowledged, so that resends within the window are recognised —
+        then take each request's tokens (``(limiter_id, events)``, in order) and look every
+        ``(source, message_id)`` of ``ids`` up in the dedup window."""
         burst = self.burst
-        keys = [self.bucket_key(limiter) for limiter, _ in requests]
-        costs = [max(1, min(n, burst)) for _, n in requests]
+        dedup_key = self.dedup_key
+        keys = [dedup_key(source, m) for source, m in remember]
+        keys += [self.bucket_key(limiter) for limiter, _ in requests]
+        keys += [dedup_key(source, m) for source, m in ids]
+        args: list[Any] = [len(remember), len(requests), self.dedup_ttl_s, self.rate_per_s, burst]
+        args += [max(1, min(n, burst)) for _, n in requests]
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.eval(_TOKEN_BUCKETS, len(keys), *keys, self.rate_per_s, burst, *costs)
-                if ids:
-                    pipe.mget([self.dedup_key(source, m) for source, m in ids])
-                results = await pipe.execute()
+            flat = await self._round(keys=keys, args=args)
         except Exception as exc:
             REDIS_DEGRADED.labels("admit").inc()
-            log.warning("redis unavailable for admission (%s); accepting without dedup/rate limit", exc)
+            if remember:
+                REDIS_DEGRADED.labels("remember").inc()
+            log.warning("redis unavailable for admission (%s); accepting without dedup/rate limit, %d ids not "
+                        "recorded (downstream dedups)", exc, len(remember))
             return Admission([True] * len(requests), [0.0] * len(requests), [False] * len(ids))
-        flat = results[0]
-        allowed = [bool(int(a)) for a in flat[0::2]]
-        waits = [float(w) for w in flat[1::2]]
-        seen = [v is not None for v in results[1]] if ids else []
+        nb2 = 2 * len(requests)
+        allowed = [bool(a) for a in flat[0:nb2:2]]
+        waits = [float(w) for w in flat[1:nb2:2]]
+        seen = [bool(v) for v in flat[nb2:]]
         return Admission(allowed, waits, seen)
-
-    async def remember(self, ids: Sequence[tuple[str, str]]) -> None:
-        """Record ``(source, message_id)`` pairs acknowledged by Kafka so resends within the window are
-        recognised."""
-        if not ids:
-            return
-        keys = [self.dedup_key(source, m) for source, m in ids]
-        try:
-            await self.redis.eval(_REMEMBER, len(keys), *keys, self.dedup_ttl_s)
-        except Exception as exc:
-            REDIS_DEGRADED.labels("remember").inc()
-            log.warning("redis unavailable to record %d ids (%s); downstream dedups", len(ids), exc)
 
     async def remember_order_customer(self, platform: str, shop: str, order_id: str, who: dict[str, str],
                                       ttl_s: int = 400 * 24 * 3600) -> None:

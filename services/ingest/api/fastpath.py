@@ -1,10 +1,11 @@
 """A short path through the ASGI stack for the tracking endpoints, ingest's hot path.
 
-FastAPI's per-request machinery (router matching over every route, dependency solving, the exit-stack and
-exception-wrapping layers, CORS and telemetry middleware) cost more CPU than the tracking call itself. This
-middleware sits outermost among the app's middleware and answers ``POST`` to the exact tracking paths by
-calling the very same endpoint functions, with the same error bodies (``ApiError`` → its JSON, anything
-unexpected → the shared 500 body) and the same RED metrics as :class:`loyalist.http.MetricsMiddleware`.
+FastAPI's per-request machinery (telemetry checks, router matching over every route, dependency solving,
+the exit-stack and exception-wrapping layers, CORS and metrics middleware) cost more CPU than the tracking
+call itself. This ASGI layer sits in front of the whole FastAPI app and answers ``POST`` to the exact
+tracking paths by calling the very same endpoint functions, with the same error bodies (``ApiError`` → its
+JSON, anything unexpected → the shared 500 body) and the same RED metrics as
+:class:`loyalist.http.MetricsMiddleware`.
 
 Requests with an ``Origin`` header (browsers, which need CORS headers) and every other path go through the
 full FastAPI stack, where the same routes are declared and documented in the OpenAPI document.
@@ -17,9 +18,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from loyalist.http import ApiError
 from loyalist.metrics import HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS
@@ -30,7 +32,7 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 class TrackingFastPath:
-    def __init__(self, app: ASGIApp, routes: Mapping[str, Endpoint], service: str = "ingest") -> None:
+    def __init__(self, app: FastAPI, routes: Mapping[str, Endpoint], service: str = "ingest") -> None:
         self.app = app
         self.routes = dict(routes)
         self.service = service
@@ -44,6 +46,7 @@ class TrackingFastPath:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        scope["app"] = self.app  # what Starlette sets for request.app
         self._in_flight.inc()
         status = 500
 
