@@ -84,12 +84,13 @@ class Ingestor:
         batch_context: Mapping[str, Any] | None = None,
         batch_integrations: Mapping[str, Any] | None = None,
         check_size: bool = True,
+        first_index: int = 0,
     ) -> tuple[list[Prepared], list[Rejection]]:
         """Tracking calls → prepared events and per-index rejections (the valid ones are kept)."""
         prepared: list[Prepared] = []
         rejected: list[Rejection] = []
         limit = self.config.max_message_bytes
-        for index, raw in enumerate(messages):
+        for index, raw in enumerate(messages, first_index):
             try:
                 if check_size and len(orjson.dumps(raw)) > limit:
                     raise MessageRejected("message_too_large", f"a message may not exceed {limit} bytes")
@@ -103,6 +104,34 @@ class Ingestor:
                 EVENTS_REJECTED.labels(source, exc.code).inc()
                 continue
             prepared.append(Prepared(index, event, event.partition_key.encode(), value))
+        return prepared, rejected
+
+    async def prepare_batch(
+        self,
+        messages: Sequence[Any],
+        *,
+        source: str,
+        received_at: datetime,
+        batch_sent_at: datetime | None = None,
+        batch_context: Mapping[str, Any] | None = None,
+        batch_integrations: Mapping[str, Any] | None = None,
+        chunk: int = 100,
+    ) -> tuple[list[Prepared], list[Rejection]]:
+        """:meth:`prepare_calls` for a batch's items, yielding to the event loop every ``chunk`` messages: a
+        large batch is milliseconds of CPU, and meanwhile Kafka acknowledgements, the producer's next sends
+        and other requests must not wait."""
+        prepared: list[Prepared] = []
+        rejected: list[Rejection] = []
+        for start in range(0, len(messages), chunk):
+            if start:
+                await asyncio.sleep(0)
+            ok, bad = self.prepare_calls(
+                messages[start:start + chunk], call_type=None, source=source, received_at=received_at,
+                batch_sent_at=batch_sent_at, batch_context=batch_context, batch_integrations=batch_integrations,
+                first_index=start,
+            )
+            prepared += ok
+            rejected += bad
         return prepared, rejected
 
     def prepare_documents(self, docs: Sequence[dict[str, Any]], *, source: str) -> list[Prepared]:

@@ -76,8 +76,8 @@ async def batch_call(request: Request) -> Response:
         sent_at = parse_timestamp(body.get("sentAt"), "sentAt")
     except MessageRejected as exc:
         raise ApiError(400, exc.code, exc.message) from exc
-    prepared, rejected = pipeline.prepare_calls(
-        messages, call_type=None, source=credential.source, received_at=received_at, batch_sent_at=sent_at,
+    prepared, rejected = await pipeline.prepare_batch(
+        messages, source=credential.source, received_at=received_at, batch_sent_at=sent_at,
         batch_context=context if isinstance(context, dict) else None,
         batch_integrations=integrations if isinstance(integrations, dict) else None,
     )
