@@ -56,6 +56,8 @@ from services.segmenter.store import SCHEDULE_SHARDS, Decided, SegmenterStore, S
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_CHANGED_PROCESSED = metrics.INPUTS.labels("profile.changed", "processed")
+_CHANGED_REPLAYED = metrics.INPUTS.labels("profile.changed", "replay_skipped")
 
 ORDER_EVENT = "Order Completed"
 # Outbox rows still present this long after their state write had their produce fail; swept this often.
@@ -73,6 +75,40 @@ def order_amount(properties: dict[str, Any]) -> float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
     return 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Track:
+    """What the segmenter keeps of a resolved track event."""
+
+    event: str
+    timestamp: datetime
+    properties: dict[str, Any]
+    message_id: str
+    received_at: datetime
+
+
+def _instant(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def fast_track(raw: dict[str, Any]) -> Track | None:
+    """A well-formed track event read without the full model (most of the input); None for anything else,
+    which the full decoder then classifies (another type, invalid, unusual timestamps)."""
+    name, message_id, properties = raw.get("event"), raw.get("messageId"), raw.get("properties", {})
+    if (raw.get("type") != "track" or not isinstance(name, str) or not name or not isinstance(message_id, str)
+            or not 0 < len(message_id) <= 200 or not isinstance(properties, dict)):
+        return None
+    timestamp, received_at = _instant(raw.get("timestamp")), _instant(raw.get("receivedAt"))
+    if timestamp is None or received_at is None:
+        return None
+    return Track(name, timestamp, properties, message_id, received_at)
 
 
 @dataclass
@@ -264,8 +300,10 @@ class SegmenterEngine:
                 futures = [await self.producer.send(self.membership_topic, raw, key=pid.encode())
                            for pid, _, _, raw in outgoing]
                 await asyncio.gather(*futures)
-                for _, _, change, _ in outgoing:
-                    metrics.MEMBERSHIP_CHANGES.labels(change).inc()
+                for change in ("entered", "exited"):
+                    count = sum(1 for _, _, c, _ in outgoing if c == change)
+                    if count:
+                        metrics.MEMBERSHIP_CHANGES.labels(change).inc(count)
                 self._count_members([(tid.split(":", 1)[0], change) for _, tid, change, _ in outgoing])
                 after.extend(self.store.outbox_done_row(tid) for _, tid, _, _ in outgoing)
             metrics.DECISION_DURATION.observe(time.perf_counter() - started)
@@ -289,11 +327,18 @@ class SegmenterEngine:
     async def _finish_batch(self, previous: asyncio.Future[None] | None, after: list[Any],
                             churn_inputs: list[tuple[str, dict[str, Any], dict[str, Any]]],
                             new_profiles: frozenset[str]) -> None:
-        if previous is not None:
-            with contextlib.suppress(Exception):
-                await previous  # one batch's churn observations after the other's
         # Idempotent rows and observations; retried until done (a stop cancels).
-        await _retry_until_done(lambda: self.store.write(after), "clearing outbox rows")
+        cleared = asyncio.ensure_future(_retry_until_done(lambda: self.store.write(after), "clearing outbox rows"))
+        try:
+            if previous is not None:
+                with contextlib.suppress(Exception):
+                    await previous  # one batch's churn observations after the other's
+            await self._observe_churn(churn_inputs, new_profiles)
+        finally:
+            await cleared
+
+    async def _observe_churn(self, churn_inputs: list[tuple[str, dict[str, Any], dict[str, Any]]],
+                             new_profiles: frozenset[str]) -> None:
         if self.churn is None or not churn_inputs:
             return
         probabilities = await _retry_until_done(lambda: self.churn.observe_many(churn_inputs, new_profiles),
@@ -333,7 +378,7 @@ class SegmenterEngine:
         last: tuple[int, int] | None = None
         for message, partition, offset in messages:
             if position[0] == partition and position[1] is not None and offset <= position[1]:
-                metrics.INPUTS.labels("profile.changed", "replay_skipped").inc()
+                _CHANGED_REPLAYED.inc()
                 continue
             new_document = message.get("profile")
             if not isinstance(new_document, dict):
@@ -358,7 +403,7 @@ class SegmenterEngine:
             churn_inputs.append((profile_id, new_document, document))
             document = new_document
             position = last = (partition, offset)
-            metrics.INPUTS.labels("profile.changed", "processed").inc()
+            _CHANGED_PROCESSED.inc()
         if last is None:
             return None
         rows = self.store.decided_rows(profile_id, document, last[0], last[1], won_back_at, next_at, previous_next,
@@ -417,7 +462,8 @@ class SegmenterEngine:
         """A batch of ``events.resolved``: the events and orders of every run of messages between merges are
         stored with one round of writes, then the profiles whose event-based rules may change are decided
         (one customer's in order, customers concurrently). The same effects as one message at a time."""
-        run: list[tuple[str, Event]] = []
+        run: list[tuple[str, Track]] = []
+        invalid = ignored = 0
         for message in messages:
             if isinstance(message.get("merge"), dict):
                 await self._store_and_decide(run)
@@ -427,23 +473,30 @@ class SegmenterEngine:
             profile_id = message.get("profileId")
             raw_event = message.get("event")
             if not isinstance(profile_id, str) or not isinstance(raw_event, dict):
-                metrics.INPUTS.labels("events.resolved", "invalid").inc()
+                invalid += 1
                 continue
-            try:
-                event = decode_event(raw_event)
-            except ValueError:
-                metrics.INPUTS.labels("events.resolved", "invalid").inc()
-                continue
-            if event.type != "track" or not event.event:
-                metrics.INPUTS.labels("events.resolved", "ignored").inc()
-                continue
+            event = fast_track(raw_event)
+            if event is None:
+                try:
+                    full = decode_event(raw_event)
+                except ValueError:
+                    invalid += 1
+                    continue
+                if full.type != "track" or not full.event:
+                    ignored += 1
+                    continue
+                event = Track(full.event, full.timestamp, full.properties, full.message_id, full.received_at)
             run.append((profile_id, event))
         await self._store_and_decide(run)
+        if invalid:
+            metrics.INPUTS.labels("events.resolved", "invalid").inc(invalid)
+        if ignored:
+            metrics.INPUTS.labels("events.resolved", "ignored").inc(ignored)
 
-    async def _store_and_decide(self, run: Sequence[tuple[str, Event]]) -> None:
+    async def _store_and_decide(self, run: Sequence[tuple[str, Track]]) -> None:
         if not run:
             return
-        records = [(pid, EventRecord(e.event or "", e.timestamp, e.properties, e.message_id)) for pid, e in run]
+        records = [(pid, EventRecord(e.event, e.timestamp, e.properties, e.message_id)) for pid, e in run]
         orders = []
         for pid, e in run:
             if e.event == ORDER_EVENT:
@@ -454,9 +507,9 @@ class SegmenterEngine:
             self.copurchases.add_order(pid, message_id, products)
         # The latest event of each profile that an event-based rule looks at decides (its facts hold every
         # event of the run, which is stored by now).
-        deciding: dict[str, Event] = {pid: e for pid, e in run if e.event in self.event_names}
+        deciding: dict[str, Track] = {pid: e for pid, e in run if e.event in self.event_names}
 
-        async def decide(profile_id: str, event: Event) -> None:
+        async def decide(profile_id: str, event: Track) -> None:
             async with self.lock(profile_id):
                 stored = await self.store.profile(profile_id)
                 if stored is not None and not stored.deleted:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from loyalist.consumer import BatchConsumer, Hook, Record, _Listener
 from loyalist.kafka import make_consumer
@@ -35,6 +36,9 @@ class SegmenterConsumer(BatchConsumer):
     def __init__(self, settings: Settings, topics: list[str], **kwargs: Any) -> None:
         super().__init__(settings, topics[0], **kwargs)
         self.topics = topics
+        # Range assignment: a worker gets the same partitions of both topics, so one customer's inputs meet in
+        # one process (its locks order them).
+        self._consumer_options["partition_assignment_strategy"] = (RangePartitionAssignor,)
 
     async def start(self) -> None:
         self._consumer = make_consumer(self.settings, group_id=self.group_id,
