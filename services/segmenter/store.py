@@ -184,26 +184,22 @@ class SegmenterStore:
     async def write_decided(self, decided: Sequence[Decided]) -> None:
         """Write customers' decided state: each customer's rows in one batch (logged when several, so state,
         position, schedule and outbox land together or not at all); customers with a single row share
-        unlogged batches. Every row is an idempotent upsert."""
+        unlogged batches. Every row is an idempotent upsert; all requests are sent at once."""
         first = [row for d in decided for row in d.first]
         if first:
             await execute_writes(self.s, first)
         singles: list[Row] = []
         logged: list[BatchStatement] = []
-        batch: BatchStatement | None = None
-        size = 0
         for d in decided:
             if len(d.rows) == 1:
                 singles.append(d.rows[0])
                 continue
-            rows_size = sum(_row_size(params) for _, params in d.rows)
-            if batch is None or (size and size + rows_size > LOGGED_BATCH_MAX_BYTES):
-                batch = BatchStatement(batch_type=BatchType.LOGGED)
-                logged.append(batch)
-                size = 0
+            # One logged batch per customer, all at once: measured several times faster than logged batches
+            # holding several customers.
+            batch = BatchStatement(batch_type=BatchType.LOGGED)
             for statement, params in d.rows:
                 batch.add(statement, params)
-            size += rows_size
+            logged.append(batch)
         await asyncio.gather(execute_writes(self.s, singles), *(execute(self.s, b) for b in logged))
 
     def unschedule_row(self, profile_id: str, due: datetime) -> Row:

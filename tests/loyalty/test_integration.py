@@ -639,3 +639,54 @@ async def test_lines_committed_while_kafka_is_unreachable_are_published_later(
     published = await _loyalty_events(stack_settings, profile_id, want=1)
     assert [(e.event, e.properties["points"], e.properties["note"]) for e in published] == [
         ("Points Adjusted", 70, "during the outage")]
+
+
+# ---- the batched stream path -------------------------------------------------------------------------------
+
+
+async def test_a_batch_of_many_facts_of_one_customer_commits_like_one_fact_at_a_time(
+    stack_settings: Settings, store_pair: tuple[LedgerStore, LedgerStore], program_defined: dict[str, Any],
+) -> None:
+    """``process_resolved`` commits a customer's facts of a batch together (several compare-and-sets of at most
+    ``COMMANDS_PER_COMMIT`` commands); the ledger must be exactly the one handling each fact alone gives."""
+    store = store_pair[0]
+    clock_now = datetime(2022, 1, 1, tzinfo=UTC)
+    service = LoyaltyService(stack_settings, LoyaltySettings(), store, ProgramStore(store.session), None,
+                             lambda: clock_now)
+    batched, alone = f"p-{uuid.uuid4().hex[:10]}", f"p-{uuid.uuid4().hex[:10]}"
+    start = datetime(2021, 1, 1, tzinfo=UTC)
+    facts: list[Event] = []
+    for i in range(70):  # more than two commits' worth, crossing the gold threshold (1,000 points)
+        at = start + timedelta(days=i)
+        facts.append(_event("Order Completed", {"order_id": f"o{i}", "revenue": 20 + i, "currency": "USD"},
+                            message=f"m{i}", at=at))
+        if i % 10 == 3:  # a redelivery and a refund now and then
+            facts.append(_event("Order Completed", {"order_id": f"o{i}", "revenue": 20 + i, "currency": "USD"},
+                                message=f"m{i}", at=at))
+            facts.append(_event("Order Refunded", {"order_id": f"o{i}"}, message=f"r{i}",
+                                at=at + timedelta(hours=1)))
+        if i == 30:
+            facts.append(_event("Product Reviewed", {"product_id": "sku-1"}, message="rev", at=at))
+            facts.append(_event("Product Viewed", {"product_id": "sku-1"}, message="view", at=at))
+
+    def resolved(profile_id: str, fact: Event) -> bytes:
+        return orjson.dumps({"profileId": profile_id, "event": orjson.Fragment(encode_event(fact)),
+                             "resolvedAt": utcnow().isoformat()})
+
+    assert await service.process_resolved([resolved(batched, f) for f in facts]) == len(facts) - 1  # the view
+    for fact in facts:
+        await service.handle_event(alone, fact)
+
+    ledger_batched, _ = await store.load(batched)
+    ledger_alone, _ = await store.load(alone)
+    assert ledger_batched.balance == ledger_alone.balance > 0
+    assert ledger_batched.tier == ledger_alone.tier == "gold"
+    lines_batched = await store.lines_after(batched, 0, 1000)
+    lines_alone = await store.lines_after(alone, 0, 1000)
+    assert [(x.seq, x.event.kind, x.event.points, x.balance_after, x.event.at) for x in lines_batched] == [
+        (x.seq, x.event.kind, x.event.points, x.balance_after, x.event.at) for x in lines_alone]
+    # The same batch delivered again changes nothing; the stored lines replay to the stored snapshot.
+    await service.process_resolved([resolved(batched, f) for f in facts])
+    again, _ = await store.load(batched)
+    assert again == ledger_batched
+    assert replay(await store.all_events(batched), batched) == ledger_batched

@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 _MESSAGE_NAMESPACE = uuid.UUID("6f1c2b0e-4c55-4a55-9a53-6c6f79616c74")
 _PUBLISH_RETRY = timedelta(seconds=30)
 _UNCERTAIN = (WriteTimeout, Unavailable, OperationTimedOut, NoHostAvailable)
+# Commands of one customer committed by one compare-and-set (their lines go in one conditional batch).
+COMMANDS_PER_COMMIT = 25
 
 
 @dataclass(frozen=True)
@@ -169,28 +171,55 @@ class LoyaltyService:
         Raises ``LoyaltyError`` when the domain refuses the command and ``Contended`` after
         ``max_attempts`` lost races.
         """
-        name = type(command).__name__
+        return await self._decide_and_commit(profile_id, [command], now, refuse=True)
+
+    async def handle_many(self, profile_id: str, commands: list[Command], now: datetime | None = None) -> Outcome:
+        """Decide ``commands`` in order on one customer's ledger and commit them together: one read and one
+        compare-and-set for all of them (the stream path, where a customer often has several facts in a batch).
+
+        A command the domain refuses is skipped (counted by its reason), exactly as if it had been handled alone;
+        the others still apply. Raises ``Contended`` after ``max_attempts`` lost races.
+        """
+        if not commands:
+            ledger, _ = await self.store.load(profile_id)
+            return Outcome(ledger, None)
+        return await self._decide_and_commit(profile_id, commands, now, refuse=False)
+
+    async def _decide_and_commit(self, profile_id: str, commands: list[Command], now: datetime | None, *,
+                                 refuse: bool) -> Outcome:
+        label = type(commands[0]).__name__ if len(commands) == 1 else "Batch"
         started = time.perf_counter()
         now = now or self.clock()
-        at = getattr(command, "at", now)
         try:
             for attempt in range(1, self.config.max_attempts + 1):
                 ledger, version = await self.store.load(profile_id)
-                program = await self.program_at(at)
-                try:
-                    events = decide(command, ledger, program, now)
-                except LoyaltyError as refused:
-                    metrics.COMMANDS.labels(name, refused.code).inc()
-                    raise
-                if not events:
+                versions = await self.programs.versions()
+                state, lines = ledger, []
+                program: Program | None = None
+                outcomes: list[tuple[str, str]] = []
+                for command in commands:
+                    name = type(command).__name__
+                    program = effective_program(versions, getattr(command, "at", now))
+                    try:
+                        events = decide(command, state, program, now)
+                    except LoyaltyError as refused:
+                        if refuse:
+                            metrics.COMMANDS.labels(name, refused.code).inc()
+                            raise
+                        # A refused fact is final (never transient): skipped like the stream skips it.
+                        metrics.STREAM_SKIPPED.labels(refused.code).inc()
+                        outcomes.append((name, refused.code))
+                        continue
+                    for event in events:
+                        state = fold(state, event)
+                        lines.append(LedgerLine(state.seq, event, track_properties(event, state, program),
+                                                state.balance))
+                    outcomes.append((name, "committed" if events else "unchanged"))
+                if not lines:
                     if not await self.flush(profile_id, ledger.seq):
                         await self.store.schedule(profile_id, now + _PUBLISH_RETRY)
-                    metrics.COMMANDS.labels(name, "unchanged").inc()
+                    self._count(outcomes)
                     return Outcome(ledger, program, attempts=attempt)
-                state, lines = ledger, []
-                for event in events:
-                    state = fold(state, event)
-                    lines.append(LedgerLine(state.seq, event, track_properties(event, state, program), state.balance))
                 try:
                     applied = await self.store.commit(profile_id, version, state, lines, now)
                 except _UNCERTAIN:
@@ -200,14 +229,20 @@ class LoyaltyService:
                     applied = False
                 if applied:
                     await self._after_commit(profile_id, state, program, lines, now)
-                    metrics.COMMANDS.labels(name, "committed").inc()
-                    return Outcome(state, program, events, lines, attempt)
+                    self._count(outcomes)
+                    return Outcome(state, program, [line.event for line in lines], lines, attempt)
                 metrics.CAS_CONFLICTS.inc()
                 await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * attempt)))
-            metrics.COMMANDS.labels(name, "contended").inc()
+            for command in commands:
+                metrics.COMMANDS.labels(type(command).__name__, "contended").inc()
             raise Contended(f"the ledger of {profile_id} kept changing; retry later")
         finally:
-            metrics.COMMAND_DURATION.labels(name).observe(time.perf_counter() - started)
+            metrics.COMMAND_DURATION.labels(label).observe(time.perf_counter() - started)
+
+    @staticmethod
+    def _count(outcomes: list[tuple[str, str]]) -> None:
+        for name, outcome in outcomes:
+            metrics.COMMANDS.labels(name, outcome).inc()
 
     async def _after_commit(self, profile_id: str, state: Ledger, program: Program | None,
                             lines: list[LedgerLine], now: datetime) -> None:
@@ -222,9 +257,14 @@ class LoyaltyService:
                     r = line.event.redemption
                     await self.store.put_code(r.code, profile_id, r.event_id, r.reward_id, r.points, r.at)
             due = self.next_due(state, program)
-            if due is not None:
-                await self.store.schedule(profile_id, due)
-            if await self._produce(profile_id, lines):
+
+            async def scheduled() -> None:
+                if due is not None:
+                    await self.store.schedule(profile_id, due)
+
+            # Independent writes, so one round trip for both.
+            _, produced = await asyncio.gather(scheduled(), self._produce(profile_id, lines))
+            if produced:
                 await self.store.mark_published(profile_id, lines[-1].seq)
             else:
                 await self.store.schedule(profile_id, now + _PUBLISH_RETRY)  # the schedule publishes the rest
@@ -292,11 +332,12 @@ class LoyaltyService:
         return True
 
     # ---- the stream path -----------------------------------------------------------------------------
-    async def handle_event(self, profile_id: str, event: Event) -> Outcome | None:
+    async def command_for_event(self, profile_id: str, event: Event) -> Command | None:
+        """The ledger command a stream event causes (None for most events). An ``identify`` with a birthday
+        is remembered here (a fact about the person for the yearly bonus, not a ledger change)."""
         if event.type == "identify":
             birthday = birthday_from_traits(event.traits or {})
             if birthday is not None:
-                # A fact about the person, not a ledger change: remembered for the yearly bonus.
                 await self.store.set_birthday(profile_id, birthday, self.clock())
                 await self.store.schedule(profile_id, next_birthday(birthday, self.clock()))
             return None
@@ -305,11 +346,19 @@ class LoyaltyService:
             # A fact dated in the future (a wrong clock upstream) must not move the ledger's time ahead:
             # it would expire points early.
             event = event.model_copy(update={"timestamp": now})
-        program = await self.program_at(event.timestamp)
-        command = command_for(event, program)
-        if command is None:
-            return None
-        return await self.handle(profile_id, command)
+        return command_for(event, await self.program_at(event.timestamp))
+
+    async def handle_event(self, profile_id: str, event: Event) -> Outcome | None:
+        command = await self.command_for_event(profile_id, event)
+        return None if command is None else await self.handle(profile_id, command)
+
+    async def handle_events(self, profile_id: str, events: list[Event]) -> None:
+        """A customer's consecutive stream events, in order: their commands are committed together, at most
+        ``COMMANDS_PER_COMMIT`` per compare-and-set (a conditional batch must stay well under Cassandra's batch
+        size limit)."""
+        commands = [c for c in [await self.command_for_event(profile_id, e) for e in events] if c is not None]
+        for start in range(0, len(commands), COMMANDS_PER_COMMIT):
+            await self.handle_many(profile_id, commands[start:start + COMMANDS_PER_COMMIT])
 
     async def handle_merge(self, survivor: str, merged: list[str], at: datetime) -> None:
         """Move each merged profile's ledger to the survivor: absorb on the survivor, then close the other.
@@ -326,7 +375,8 @@ class LoyaltyService:
     async def process_resolved(self, values: list[bytes]) -> int:
         """A batch from ``events.resolved``: per customer in order, customers concurrently.
         Transient failures are retried here until they succeed (the batch is acknowledged after)."""
-        per_profile: dict[str, list[Event | _Merge]] = {}
+        # Per customer: runs of consecutive events (committed together) and the merges between them, in order.
+        per_profile: dict[str, list[list[Event] | _Merge]] = {}
         relevant = await self._relevant_event_names()
         for raw in values:
             try:
@@ -358,15 +408,19 @@ class LoyaltyService:
             if event.source == LOYALTY_SOURCE:
                 metrics.STREAM_SKIPPED.labels("own_event").inc()
                 continue
-            per_profile.setdefault(str(profile_id), []).append(event)
+            items = per_profile.setdefault(str(profile_id), [])
+            if items and isinstance(items[-1], list):
+                items[-1].append(event)
+            else:
+                items.append([event])
         limit = asyncio.Semaphore(self.config.concurrency)
 
-        async def one_profile(profile_id: str, events: list[Event | _Merge]) -> int:
+        async def one_profile(profile_id: str, items: list[list[Event] | _Merge]) -> int:
             done = 0
             async with limit:
-                for event in events:
-                    await self._until_done(profile_id, event)
-                    done += 1
+                for item in items:
+                    await self._until_done(profile_id, item)
+                    done += 1 if isinstance(item, _Merge) else len(item)
             return done
 
         counts = await asyncio.gather(*(one_profile(p, evs) for p, evs in per_profile.items()))
@@ -379,14 +433,14 @@ class LoyaltyService:
             names.update(b.event for b in program.action_bonuses)
         return frozenset(names)
 
-    async def _until_done(self, profile_id: str, item: Event | _Merge) -> None:
+    async def _until_done(self, profile_id: str, item: list[Event] | _Merge) -> None:
         delay = 0.2
         while True:
             try:
                 if isinstance(item, _Merge):
                     await self.handle_merge(profile_id, item.merged, item.at)
                 else:
-                    await self.handle_event(profile_id, item)
+                    await self.handle_events(profile_id, item)
                 return
             except Contended:
                 log.warning("ledger of %s contended; retrying", profile_id)

@@ -22,7 +22,7 @@ class LoyaltySettings(BaseSettings):
     # How long producing a command's ledger lines may take before they are left to the outbox retry.
     publish_timeout_s: float = Field(default=10.0, gt=0)
     batch_size: int = Field(default=1000, ge=1)
-    concurrency: int = Field(default=32, ge=1)
+    concurrency: int = Field(default=64, ge=1)
     # Store this program as version 1 at startup when none exists: "example" (the shipped example program,
     # services/profile/loyalty/example_program.py) or the path of a JSON program definition.
     bootstrap_program: str | None = None
