@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from loyalist.consumer import TimeSlice
 from loyalist.events import Event, decode_event, encode_event
 from loyalist.kafka import produce_many
 from loyalist.settings import Settings
@@ -145,7 +146,9 @@ class Resolver:
 
     async def resolve_batch(self, raws: Sequence[bytes]) -> None:
         parsed: list[tuple[Event, bytes, list[Identifier]]] = []
+        turns = TimeSlice()
         for raw in raws:
+            await turns.pause()
             try:
                 event = decode_event(raw)
             except (ValidationError, ValueError):
@@ -237,8 +240,6 @@ class Resolver:
 
 # ---------------------------------------------------------------------------------------------------------
 RECENT_KEYS = 32
-# Long loops of a batch give the event loop back this often: the API of the same process stays responsive.
-YIELD_EVERY = 200
 
 
 @dataclass
@@ -318,12 +319,12 @@ class Folder:
             except orjson.JSONDecodeError:
                 log.warning("skipping an undecodable fold message")
         groups: dict[str, list[Op]] = {}
-        for index, op in enumerate(ops):
+        turns = TimeSlice()  # long loops give the event loop back: the API of this process stays responsive
+        for op in ops:
             groups.setdefault(op["profileId"], []).append(op)
             if op["op"] == "event":
                 op["parsed"] = self._decode(op)
-            if index % YIELD_EVERY == YIELD_EVERY - 1:
-                await asyncio.sleep(0)
+            await turns.pause()
         # Profiles not cached yet are loaded first: only events at or before a profile's last folded event can
         # have been processed already, so only those are looked up in the dedup index.
         await self._load(list(groups))
@@ -429,9 +430,9 @@ class Folder:
         refold = [pid for pid, new_events in fresh.items()
                   if not self._in_order(self.cache[pid].state, [e for e, _ in new_events])]
         history = dict(zip(refold, await gather_limited(self.store.events(p) for p in refold), strict=True))
-        for index, (pid, new_events) in enumerate(fresh.items()):
-            if index % YIELD_EVERY == YIELD_EVERY - 1:
-                await asyncio.sleep(0)
+        turns = TimeSlice()
+        for pid, new_events in fresh.items():
+            await turns.pause()
             item = self.cache[pid]
             events = [e for e, _ in new_events]
             item.remember([e.dedup_key for e in events])

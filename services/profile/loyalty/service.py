@@ -27,7 +27,9 @@ from aiokafka import AIOKafkaProducer
 from cassandra import OperationTimedOut, Unavailable, WriteTimeout
 from cassandra.cluster import NoHostAvailable
 
+from loyalist.consumer import TimeSlice
 from loyalist.events import Event, as_utc, decode_event, encode_event
+from loyalist.kafka import produce_many
 from loyalist.metrics import KAFKA_PRODUCED
 from loyalist.settings import Settings
 from loyalist.topics import EVENTS_RAW
@@ -67,6 +69,10 @@ _PUBLISH_RETRY = timedelta(seconds=30)
 _UNCERTAIN = (WriteTimeout, Unavailable, OperationTimedOut, NoHostAvailable)
 # Commands of one customer committed by one compare-and-set (their lines go in one conditional batch).
 COMMANDS_PER_COMMIT = 25
+
+
+# A decision: the new ledger, its new lines, each command's (name, outcome) and the last command's program.
+Decision = tuple[Ledger, list[LedgerLine], list[tuple[str, str]], Program | None]
 
 
 @dataclass(frozen=True)
@@ -193,28 +199,8 @@ class LoyaltyService:
         try:
             for attempt in range(1, self.config.max_attempts + 1):
                 ledger, version = await self.store.load(profile_id)
-                versions = await self.programs.versions()
-                state, lines = ledger, []
-                program: Program | None = None
-                outcomes: list[tuple[str, str]] = []
-                for command in commands:
-                    name = type(command).__name__
-                    program = effective_program(versions, getattr(command, "at", now))
-                    try:
-                        events = decide(command, state, program, now)
-                    except LoyaltyError as refused:
-                        if refuse:
-                            metrics.COMMANDS.labels(name, refused.code).inc()
-                            raise
-                        # A refused fact is final (never transient): skipped like the stream skips it.
-                        metrics.STREAM_SKIPPED.labels(refused.code).inc()
-                        outcomes.append((name, refused.code))
-                        continue
-                    for event in events:
-                        state = fold(state, event)
-                        lines.append(LedgerLine(state.seq, event, track_properties(event, state, program),
-                                                state.balance))
-                    outcomes.append((name, "committed" if events else "unchanged"))
+                state, lines, outcomes, program = self._decide(
+                    profile_id, ledger, await self.programs.versions(), commands, now, refuse=refuse)
                 if not lines:
                     if not await self.flush(profile_id, ledger.seq):
                         await self.store.schedule(profile_id, now + _PUBLISH_RETRY)
@@ -238,6 +224,96 @@ class LoyaltyService:
             raise Contended(f"the ledger of {profile_id} kept changing; retry later")
         finally:
             metrics.COMMAND_DURATION.labels(label).observe(time.perf_counter() - started)
+
+    def _decide(self, profile_id: str, ledger: Ledger, versions: list[Program], commands: list[Command],
+                now: datetime, *, refuse: bool) -> Decision:
+        """Decide ``commands`` in order on ``ledger`` (pure): the new state, its lines, each command's outcome and
+        the program of the last command. A refusal raises when ``refuse``, else the command is skipped."""
+        state, lines = ledger, []
+        program: Program | None = None
+        outcomes: list[tuple[str, str]] = []
+        for command in commands:
+            name = type(command).__name__
+            program = effective_program(versions, getattr(command, "at", now))
+            try:
+                events = decide(command, state, program, now)
+            except LoyaltyError as refused:
+                if refuse:
+                    metrics.COMMANDS.labels(name, refused.code).inc()
+                    raise
+                # A refused fact is final (never transient): skipped like the stream skips it.
+                metrics.STREAM_SKIPPED.labels(refused.code).inc()
+                outcomes.append((name, refused.code))
+                continue
+            for event in events:
+                state = fold(state, event)
+                lines.append(LedgerLine(state.seq, event, track_properties(event, state, program), state.balance))
+            outcomes.append((name, "committed" if events else "unchanged"))
+        return state, lines, outcomes, program
+
+    async def commit_stream_batch(self, work: dict[str, list[Command]]) -> list[str]:
+        """The stream path for many customers at once: their ledgers and published marks read with multi-key
+        reads, every customer's commands decided in memory, one compare-and-set per changed customer (all in
+        flight together), the new lines produced together and the schedule and published marks written together.
+
+        Returns the customers whose compare-and-set lost (an API redemption raced it) or was uncertain: the caller
+        hands those to the one-customer path, which re-reads and retries.
+        """
+        if not work:
+            return []
+        now = self.clock()
+        pids = list(work)
+        loaded, published, versions = await asyncio.gather(
+            self.store.load_many(pids), self.store.published_many(pids), self.programs.versions())
+        decided: dict[str, Decision] = {}
+        turns = TimeSlice()
+        for pid in pids:
+            await turns.pause()
+            decided[pid] = self._decide(pid, loaded[pid][0], versions, work[pid], now, refuse=False)
+        changed = [pid for pid in pids if decided[pid][1]]
+        limit = asyncio.Semaphore(self.config.concurrency)
+
+        async def commit(pid: str) -> bool:
+            state, lines = decided[pid][0], decided[pid][1]
+            async with limit:
+                try:
+                    return await self.store.commit(pid, loaded[pid][1], state, lines, now)
+                except _UNCERTAIN:
+                    log.warning("uncertain ledger write for %s; retried alone", pid, exc_info=True)
+                    return False
+
+        applied = dict(zip(changed, await asyncio.gather(*(commit(pid) for pid in changed)), strict=True))
+        retry = [pid for pid in changed if not applied[pid]]
+        metrics.CAS_CONFLICTS.inc(len(retry))
+        done = [pid for pid in pids if applied.get(pid, True)]
+        for pid in done:
+            self._count(decided[pid][2])
+        # Lines committed earlier but never published (a crash or a Kafka outage in between) go first, in order:
+        # those customers are flushed one at a time from the stored ledger.
+        behind = {pid for pid in done if published[pid] < loaded[pid][0].seq}
+        committed = [pid for pid in done if decided[pid][1]]
+        for pid in committed:
+            for line in decided[pid][1]:
+                metrics.LEDGER_EVENTS.labels(line.event.kind, line.event.reason).inc()
+                metrics.POINTS.labels(line.event.kind).inc(abs(line.event.points))
+                if line.event.redemption is not None:
+                    r = line.event.redemption
+                    await self.store.put_code(r.code, pid, r.event_id, r.reward_id, r.points, r.at)
+        produced = await self._produce_many({pid: decided[pid][1] for pid in committed if pid not in behind})
+        rows = []
+        for pid in committed:
+            state, lines, _, program = decided[pid]
+            due = self.next_due(state, program)
+            if due is not None:
+                rows.append(self.store.schedule_row(pid, due))
+            if pid not in behind:
+                rows.append(self.store.published_row(pid, lines[-1].seq) if produced
+                            else self.store.schedule_row(pid, now + _PUBLISH_RETRY))  # the schedule publishes them
+        await self.store.write_rows(rows)
+        for pid in behind:
+            if not await self.flush(pid, decided[pid][0].seq):
+                await self.store.schedule(pid, now + _PUBLISH_RETRY)
+        return retry
 
     @staticmethod
     def _count(outcomes: list[tuple[str, str]]) -> None:
@@ -313,6 +389,26 @@ class LoyaltyService:
             log.warning("producing %d ledger lines of %s failed; will retry", len(lines), profile_id, exc_info=True)
             return False
         KAFKA_PRODUCED.labels("profile", self.raw_topic).inc(len(lines))
+        return True
+
+    async def _produce_many(self, lines_of: dict[str, list[LedgerLine]]) -> bool:
+        """Produce many customers' new lines together (each customer's in order on its partition)."""
+        records = [(pid.encode(), encode_event(self.track_event(pid, line, self.clock())))
+                   for pid, lines in lines_of.items() for line in lines]
+        if self.producer is None or not records:
+            return True
+        producer = self.producer
+
+        async def produce_all() -> None:
+            await asyncio.gather(*await produce_many(producer, self.raw_topic, records))
+
+        try:
+            await asyncio.wait_for(produce_all(), self.config.publish_timeout_s)
+        except Exception:
+            metrics.PUBLISH_ERRORS.inc(len(records))
+            log.warning("producing %d ledger lines failed; will retry", len(records), exc_info=True)
+            return False
+        KAFKA_PRODUCED.labels("profile", self.raw_topic).inc(len(records))
         return True
 
     async def flush(self, profile_id: str, ledger_seq: int) -> bool:
@@ -413,6 +509,27 @@ class LoyaltyService:
                 items[-1].append(event)
             else:
                 items.append([event])
+        # Customers with only facts (no merge) and at most one commit's worth of commands: all at once.
+        work: dict[str, list[Command]] = {}
+        events: dict[str, list[Event]] = {}
+        for pid, items in per_profile.items():
+            run = items[0]
+            if len(items) == 1 and isinstance(run, list):
+                events[pid] = run
+                commands = [c for c in [await self.command_for_event(pid, e) for e in run] if c is not None]
+                if len(commands) <= COMMANDS_PER_COMMIT:
+                    work[pid] = commands
+        delay = 0.2
+        while True:
+            try:
+                retry = set(await self.commit_stream_batch({p: c for p, c in work.items() if c}))
+                break
+            except Exception:
+                log.exception("the loyalty batch failed; retrying in %.1fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        handled = sum(len(events[pid]) for pid in work if pid not in retry)
+        per_profile = {pid: items for pid, items in per_profile.items() if pid not in work or pid in retry}
         limit = asyncio.Semaphore(self.config.concurrency)
 
         async def one_profile(profile_id: str, items: list[list[Event] | _Merge]) -> int:
@@ -424,7 +541,7 @@ class LoyaltyService:
             return done
 
         counts = await asyncio.gather(*(one_profile(p, evs) for p, evs in per_profile.items()))
-        return sum(counts)
+        return handled + sum(counts)
 
     async def _relevant_event_names(self) -> frozenset[str]:
         """Track events that can cause a ledger command under any program version."""

@@ -9,9 +9,10 @@ redemptions from several API replicas.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -20,11 +21,13 @@ import orjson
 from cassandra.cluster import Session
 from cassandra.query import BatchStatement, BatchType
 
-from loyalist.cassandra import execute
+from loyalist.cassandra import Row, execute, execute_writes
 from services.profile.loyalty.domain import Ledger, LedgerEvent, Program, ProgramDefinition
 from services.profile.loyalty.domain.ledger import event_from_dict, event_to_dict, ledger_from_dict, ledger_to_dict
 
 PROGRAM_ID = "default"
+# Keys per multi-partition IN read.
+IN_CHUNK = 100
 
 
 
@@ -67,7 +70,10 @@ class LedgerStore:
         self._lines_before = p(
             f"SELECT {line_cols} FROM loyalty_ledger WHERE profile_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
         )
+        self._load_many = p("SELECT profile_id, version, state FROM loyalty_ledger WHERE profile_id IN ? "
+                            "PER PARTITION LIMIT 1")
         self._published = p("SELECT seq FROM loyalty_published WHERE profile_id = ?")
+        self._published_many = p("SELECT profile_id, seq FROM loyalty_published WHERE profile_id IN ?")
         self._mark_published = p("UPDATE loyalty_published SET seq = ? WHERE profile_id = ?")
         self._schedule = p("INSERT INTO loyalty_due (shard, due_at, profile_id) VALUES (?, ?, ?)")
         self._due = p("SELECT due_at, profile_id FROM loyalty_due WHERE shard = ? AND due_at <= ? LIMIT ?")
@@ -97,6 +103,35 @@ class LedgerStore:
         if not rows or rows[0]["version"] is None:
             return Ledger(profile_id), 0
         return ledger_from_dict(orjson.loads(rows[0]["state"])), int(rows[0]["version"])
+
+    async def load_many(self, profile_ids: Sequence[str]) -> dict[str, tuple[Ledger, int]]:
+        """``load`` for many customers, with multi-partition reads of ``IN_CHUNK`` keys."""
+        found: dict[str, tuple[Ledger, int]] = {}
+        chunks = [list(profile_ids[i:i + IN_CHUNK]) for i in range(0, len(profile_ids), IN_CHUNK)]
+        for rows in await asyncio.gather(*(execute(self.session, self._load_many, (c,)) for c in chunks)):
+            for row in rows:
+                if row["version"] is not None:
+                    found[row["profile_id"]] = (ledger_from_dict(orjson.loads(row["state"])), int(row["version"]))
+        return {pid: found.get(pid) or (Ledger(pid), 0) for pid in profile_ids}
+
+    async def published_many(self, profile_ids: Sequence[str]) -> dict[str, int]:
+        seqs: dict[str, int] = {}
+        chunks = [list(profile_ids[i:i + IN_CHUNK]) for i in range(0, len(profile_ids), IN_CHUNK)]
+        for rows in await asyncio.gather(*(execute(self.session, self._published_many, (c,)) for c in chunks)):
+            for row in rows:
+                if row["seq"] is not None:
+                    seqs[row["profile_id"]] = int(row["seq"])
+        return {pid: seqs.get(pid, 0) for pid in profile_ids}
+
+    def schedule_row(self, profile_id: str, due_at: datetime) -> Row:
+        return self._schedule, (self.shard(profile_id), due_at, profile_id)
+
+    def published_row(self, profile_id: str, seq: int) -> Row:
+        return self._mark_published, (seq, profile_id)
+
+    async def write_rows(self, rows: Sequence[Row]) -> None:
+        """Idempotent rows (schedule entries, published marks) in few unlogged batches."""
+        await execute_writes(self.session, rows)
 
     async def commit(
         self, profile_id: str, version: int, state: Ledger, lines: list[LedgerLine], now: datetime
