@@ -49,6 +49,7 @@ from services.profile.domain.profile import (
     event_key,
     fold,
     fold_all,
+    folds_in_any_order,
     iso,
     new_state,
     render,
@@ -468,10 +469,23 @@ class Folder:
 
     @staticmethod
     def _in_order(state: ProfileState | None, events: list[Event]) -> bool:
+        """Whether ``events`` can be folded on top of ``state``: each is after the last folded one, or folds the
+        same in any order (loyalty ledger events with distinct sequence numbers, none the one held)."""
         if state is None or state.last_key is None:
             return True
         last = (state.last_key[0], state.last_key[1])
-        return all(event_key(e) > last for e in events)
+        held = (state.loyalty or {}).get("ledger_seq")
+        seqs: set[int] = set()
+        for event in events:
+            if event_key(event) > last:
+                continue
+            if not folds_in_any_order(event):
+                return False
+            seq = event.properties["ledger_seq"]
+            if seq == held or seq in seqs:
+                return False
+            seqs.add(seq)
+        return True
 
     async def _publish(self, pid: str, item: Loaded, events: Sequence[Event], merges: Sequence[Op],
                        pending: _Pending | None = None, raws: Sequence[bytes] | None = None) -> None:

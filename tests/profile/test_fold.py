@@ -154,3 +154,44 @@ def test_loyalty_section_follows_the_ledger_sequence_not_the_event_order() -> No
     for order in ([earned, upgraded], [upgraded, earned]):
         loyalty = render(fold_all("p1", order), now=NOW)["loyalty"]
         assert loyalty["tier"] == "Silver" and loyalty["ledger_seq"] == 2 and loyalty["balance"] == 50
+
+
+@given(st.randoms(use_true_random=False))
+@settings(max_examples=60, deadline=None)
+def test_late_ledger_events_folded_on_top_equal_a_replay(rnd: random.Random) -> None:
+    """Ledger events are stamped with their order's time but arrive after later facts; the processor folds them
+    on top (no history refold) when ``Folder._in_order`` allows it, and the result must equal a replay."""
+    from services.profile.domain.profile import event_key, fold, new_state
+    from services.profile.processor import Folder
+
+    facts = [ev(100 + i, name="Order Completed", minutes=60 * i,
+                properties={"order_id": f"o{i}", "total": 10 + i, "currency": "USD"}) for i in range(8)]
+    ledger = [Event.model_validate({
+        "type": "track", "event": "Points Earned", "messageId": f"l{i}", "timestamp": T0 + timedelta(minutes=60 * i),
+        "receivedAt": T0, "source": "loyalty", "context": {"loyalist": {"profileId": "p1"}},
+        "properties": {"points": 10 + i, "balance_after": sum(10 + k for k in range(i + 1)), "ledger_seq": i + 1,
+                       "tier": "member", "lifetime_points": sum(10 + k for k in range(i + 1))}})
+        for i in range(8)]
+    # Arrival: facts in order, each ledger event some facts after its own (in the ledger's order), in batches.
+    arrival: list[Event] = []
+    pending = list(ledger)
+    for i, fact in enumerate(facts):
+        arrival.append(fact)
+        while pending and int(pending[0].message_id[1:]) <= i and rnd.random() < 0.4:
+            arrival.append(pending.pop(0))
+    arrival.extend(pending)
+    state = new_state("p1")
+    seen: list[Event] = []
+    refolds = 0
+    while arrival:
+        size = rnd.randint(1, 4)
+        batch, arrival = arrival[:size], arrival[size:]
+        seen.extend(batch)
+        if Folder._in_order(state, batch):
+            for event in sorted(batch, key=event_key):
+                fold(state, event)
+        else:  # what the processor does for a late fact: refold everything seen
+            refolds += 1
+            state = fold_all("p1", seen)
+    assert refolds == 0
+    assert render(state, now=NOW) == render(fold_all("p1", [*facts, *ledger]), now=NOW)

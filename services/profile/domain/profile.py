@@ -196,7 +196,9 @@ def fold(state: ProfileState, event: Event) -> ProfileState:
     """Apply one event. Callers fold in :func:`event_key` order; the state is updated in place and
     returned (copy first with :func:`copy_state` to keep the old one)."""
     ts = to_ms(event.timestamp)
-    state.last_key = list(event_key(event))
+    key = list(event_key(event))
+    if state.last_key is None or key > state.last_key:  # the greatest key folded (see folds_in_any_order)
+        state.last_key = key
     state.events_count += 1
     name = event.event if event.type == "track" else None
     props = event.properties
@@ -229,6 +231,32 @@ def fold(state: ProfileState, event: Event) -> ProfileState:
     if name is not None:
         _apply_track(state, name, props, event, ts)
     return state
+
+
+def folds_in_any_order(event: Event) -> bool:
+    """Whether folding ``event`` out of event order gives the state folding it in order gives: true of the
+    loyalty ledger's own events (they carry no user id, traits, timezone or locale, count as system events, and
+    the loyalty section follows their ``ledger_seq``, not their time). They are stamped with the time of the fact
+    that caused them, so they reach the profile after later facts; folding them on top instead of refolding the
+    whole history is what keeps a replay of order history cheap. (Equal sequence numbers are the caller's to
+    rule out: between two events with the same ``ledger_seq`` the later folded wins.)
+
+    >>> from datetime import UTC, datetime
+    >>> at = datetime(2024, 1, 1, tzinfo=UTC)
+    >>> earned = Event(type="track", event="Points Earned", message_id="m", timestamp=at, received_at=at,
+    ...                properties={"ledger_seq": 3}, context={"loyalist": {"profileId": "p1"}})
+    >>> folds_in_any_order(earned)
+    True
+    >>> folds_in_any_order(earned.model_copy(update={"user_id": "u1"}))
+    False
+    """
+    if event.type != "track" or event.event not in LOYALTY_EVENTS or event.user_id:
+        return False
+    context = event.context
+    loyalist_ctx = context.get("loyalist")
+    return (isinstance(loyalist_ctx, dict) and loyalist_ctx.get("profileId") is not None
+            and isinstance(event.properties.get("ledger_seq"), int)
+            and not any(k in context for k in ("traits", "timezone", "locale")))
 
 
 def _apply_context(state: ProfileState, event: Event) -> None:
