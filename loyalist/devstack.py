@@ -227,7 +227,7 @@ class Stack:
         ]
         data = self.home / "cassandra"
         return [
-            self._java(), "-Xms1g", "-Xmx1g", "-Xss512k", *flags,
+            self._java(), f"-Xms{self.s.cassandra_heap}", f"-Xmx{self.s.cassandra_heap}", "-Xss512k", *flags,
             *([f"-javaagent:{jamm[0]}"] if jamm else []),
             f"-Dcassandra.config=file://{data / 'cassandra.yaml'}",
             "-Dcassandra-foreground=yes",
