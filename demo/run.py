@@ -240,7 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--customers", type=int, default=0, help="replay only the first N customers (0: all 23,570)")
     p.add_argument("--sessions", type=int, default=2000, help="customers visiting the storefront")
     p.add_argument("--journey-wait-s", type=float, default=75, help="seconds to let journeys run")
-    p.add_argument("--fold-timeout-s", type=float, default=300)
+    p.add_argument("--fold-timeout-s", type=float, default=900,
+                   help="how long to wait for every consumer group to catch up before the report")
     p.add_argument("--private", action="store_true",
                    help="own namespace and service processes instead of the running stack")
     p.add_argument("--out", type=Path, default=None, help="report directory (default .loyalist/demo)")

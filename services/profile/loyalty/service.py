@@ -251,7 +251,7 @@ class LoyaltyService:
             outcomes.append((name, "committed" if events else "unchanged"))
         return state, lines, outcomes, program
 
-    async def commit_stream_batch(self, work: dict[str, list[Command]]) -> list[str]:
+    async def commit_stream_batch(self, work: dict[str, list[Command]], now: datetime | None = None) -> list[str]:
         """The stream path for many customers at once: their ledgers and published marks read with multi-key
         reads, every customer's commands decided in memory, one compare-and-set per changed customer (all in
         flight together), the new lines produced together and the schedule and published marks written together.
@@ -261,7 +261,7 @@ class LoyaltyService:
         """
         if not work:
             return []
-        now = self.clock()
+        now = now or self.clock()
         pids = list(work)
         loaded, published, versions = await asyncio.gather(
             self.store.load_many(pids), self.store.published_many(pids), self.programs.versions())
@@ -606,30 +606,36 @@ class LoyaltyService:
 
     # ---- the schedule --------------------------------------------------------------------------------
     async def run_due(self, now: datetime | None = None, *, limit: int = 500) -> int:
-        """Hold every expiry and tier review due by ``now`` (and publish leftovers). Returns accounts handled."""
+        """Hold every expiry and tier review due by ``now`` (and publish leftovers). Returns accounts handled.
+
+        A page of due accounts at a time, through the batch path (multi-key reads, compare-and-sets in flight
+        together); an account whose compare-and-set lost is ticked alone, and one that still fails stays due."""
         now = now or self.clock()
         handled = 0
-        limiter = asyncio.Semaphore(self.config.concurrency)
-
-        async def tick(shard: int, due_at: datetime, profile_id: str) -> bool:
-            async with limiter:
-                try:
-                    birthday = await self.store.birthday(profile_id)
-                    await self.handle(profile_id, Tick(birthday), now)
-                    if birthday is not None:
-                        await self.store.schedule(profile_id, next_birthday(birthday, now))
-                except Exception:
-                    log.exception("scheduled tick of %s failed; it stays due", profile_id)
-                    return False
-                await self.store.unschedule(shard, due_at, profile_id)
-                return True
-
         for shard in range(self.store.due_shards):
             while True:
                 rows = await self.store.due(shard, now, limit)
                 if not rows:
                     break
-                done = sum(await asyncio.gather(*(tick(shard, due_at, pid) for due_at, pid in rows)))
+                pids = list(dict.fromkeys(pid for _, pid in rows))
+                failed: set[str] = set()
+                try:
+                    birthdays = await self.store.birthdays_many(pids)
+                    retry = await self.commit_stream_batch({pid: [Tick(birthdays.get(pid))] for pid in pids}, now=now)
+                except Exception:
+                    log.exception("scheduled ticks of %d accounts failed; they stay due", len(pids))
+                    break  # the next run tries this page again
+                for pid in retry:
+                    try:
+                        await self.handle(pid, Tick(birthdays.get(pid)), now)
+                    except Exception:
+                        log.exception("scheduled tick of %s failed; it stays due", pid)
+                        failed.add(pid)
+                writes = [self.store.schedule_row(pid, next_birthday(birthday, now))
+                          for pid, birthday in birthdays.items() if birthday is not None and pid not in failed]
+                writes += [self.store.unschedule_row(shard, due_at, pid) for due_at, pid in rows if pid not in failed]
+                await self.store.write_rows(writes)
+                done = len(pids) - len(failed)
                 handled += done
                 if len(rows) < limit or done == 0:  # a page of failures waits for the next run
                     break

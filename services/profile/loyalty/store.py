@@ -88,6 +88,7 @@ class LedgerStore:
             "INSERT INTO loyalty_birthdays (profile_id, month, day, updated_at) VALUES (?, ?, ?, ?)"
         )
         self._get_birthday = p("SELECT month, day FROM loyalty_birthdays WHERE profile_id = ?")
+        self._get_birthdays = p("SELECT profile_id, month, day FROM loyalty_birthdays WHERE profile_id IN ?")
         self._codes_of = p("SELECT line FROM loyalty_ledger WHERE profile_id = ? AND kind = ? ALLOW FILTERING")
         self._delete_code = p("DELETE FROM loyalty_codes WHERE code = ?")
         self._delete_ledger = p("DELETE FROM loyalty_ledger WHERE profile_id = ?")
@@ -203,6 +204,18 @@ class LedgerStore:
     async def birthday(self, profile_id: str) -> tuple[int, int] | None:
         rows = await execute(self.session, self._get_birthday, (profile_id,))
         return (int(rows[0]["month"]), int(rows[0]["day"])) if rows else None
+
+    async def birthdays_many(self, profile_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """The known birthdays among ``profile_ids`` (absent: none known)."""
+        found: dict[str, tuple[int, int]] = {}
+        chunks = [list(profile_ids[i:i + IN_CHUNK]) for i in range(0, len(profile_ids), IN_CHUNK)]
+        for rows in await asyncio.gather(*(execute(self.session, self._get_birthdays, (c,)) for c in chunks)):
+            for row in rows:
+                found[row["profile_id"]] = (int(row["month"]), int(row["day"]))
+        return found
+
+    def unschedule_row(self, shard: int, due_at: datetime, profile_id: str) -> Row:
+        return self._unschedule, (shard, due_at, profile_id)
 
     async def erase(self, profile_id: str) -> int:
         """Delete everything loyalty holds about a customer (right to erasure). Returns codes deleted."""
