@@ -84,7 +84,9 @@ def say(msg: str) -> None:
 async def wait_for_processing(settings: Settings, timeout_s: float, desc: str,
                               services: tuple[str, ...] = ("profile", "segmenter")) -> bool:
     """Progress of the services' consumer groups (``<namespace>-<service>`` and ``<namespace>-<service>-<stage>``)
-    until none is behind, or the timeout."""
+    until each has processed what its topics held when the wait began, and then (2 s later, so downstream
+    stages see the last outputs) what they held at that moment; or the timeout. A running stack always has a
+    trickle of new records (schedules, predictions), so "no lag at all" may never come."""
     prefixes = tuple(f"{settings.namespace}-{s}" for s in services)
 
     def wanted(group: str) -> bool:
@@ -93,24 +95,27 @@ async def wait_for_processing(settings: Settings, timeout_s: float, desc: str,
     bar = tqdm(desc=desc, unit="ev", unit_scale=True, dynamic_ncols=True)
     deadline = time.monotonic() + timeout_s
     caught_up = False
-    quiet_since: float | None = None
+    targets: dict[str, int] | None = None
+    rounds = 0
     progress: dict[str, tuple[int, int]] = {}
     try:
         while time.monotonic() < deadline:
             progress = {g: v for g, v in (await group_progress(settings)).items() if wanted(g)}
+            if targets is None:
+                targets = {g: end for g, (_, end) in progress.items()}
             done = sum(d for d, _ in progress.values())
             end = sum(e for _, e in progress.values())
             bar.total = max(end, 1)
             bar.n = done
             bar.refresh()
-            if progress and done >= end:
-                # caught up twice in a row, 2 s apart: downstream groups had time to see the last outputs
-                quiet_since = quiet_since or time.monotonic()
-                if time.monotonic() - quiet_since >= 2:
+            if progress and all(d >= targets.get(g, e) for g, (d, e) in progress.items()):
+                rounds += 1
+                if rounds == 2:
                     caught_up = True
                     break
-            else:
-                quiet_since = None
+                await asyncio.sleep(2)
+                targets = None  # the second round: what the topics hold now
+                continue
             await asyncio.sleep(1)
     finally:
         bar.close()

@@ -836,6 +836,14 @@ class SegmenterEngine:
         async with self.lock(profile_id):
             return bool(await self._write_predictions_locked({profile_id: new}, model_version))
 
+    async def write_predictions_many(self, new: dict[str, dict[str, Any]], model_version: str) -> int:
+        """:meth:`write_predictions` for many customers at once (their locks taken in stripe order, the stored
+        rows read with multi-key reads, the events produced together). Returns how many were written."""
+        async with contextlib.AsyncExitStack() as held:
+            for stripe in sorted({self._stripe(pid) for pid in new}):
+                await held.enter_async_context(self._locks[stripe])
+            return await self._write_predictions_locked(new, model_version)
+
     async def _write_predictions_locked(self, new: dict[str, dict[str, Any]], model_version: str) -> int:
         """:meth:`write_predictions` for many customers whose locks are held. Returns how many were written."""
         known = {pid: (stored.predictions, stored.document)

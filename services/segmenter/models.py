@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 CHURN = "churn"
 CLV = "clv"
+# Customers whose predictions a refit reads and writes together.
+PREDICTIONS_PAGE = 500
 
 
 def _ordered(document: dict[str, Any], old_document: dict[str, Any]) -> bool:
@@ -260,21 +262,27 @@ class ModelRuntime:
         metrics.CLV_REFITS.labels("ok").inc()
         predictions = await asyncio.to_thread(predict, model, summaries, now)
         written = 0
-        for p in predictions:
-            stored = await self.store.profile(p.customer_id)
-            if stored is None:
-                continue
-            values: dict[str, Any] = {
-                "p_alive": round(p.p_alive, 4),
-                "expected_orders_90d": round(p.expected_orders_90d, 4),
-                "predicted_clv_365d": None if p.predicted_clv_365d is None else round(p.predicted_clv_365d, 2),
-                "expected_next_order_at": None if p.expected_next_order_at is None else iso(p.expected_next_order_at),
-            }
-            if self.churn.updates >= self.config.churn_min_updates_to_publish:
-                values["churn_probability"] = round(self.churn.predict(churn_features(stored.document, now)), 4)
-            if await self.engine.write_predictions(p.customer_id, values,
-                                                   f"{model.version}+churn-v{self.churn_version}"):
-                written += 1
+        # A page of customers at a time: their rows read together (the churn features), their changed
+        # predictions written and published together.
+        for start in range(0, len(predictions), PREDICTIONS_PAGE):
+            page = predictions[start:start + PREDICTIONS_PAGE]
+            stored_rows = await self.store.profiles([p.customer_id for p in page])
+            new: dict[str, dict[str, Any]] = {}
+            for p in page:
+                stored = stored_rows.get(p.customer_id)
+                if stored is None or stored.deleted:
+                    continue
+                values: dict[str, Any] = {
+                    "p_alive": round(p.p_alive, 4),
+                    "expected_orders_90d": round(p.expected_orders_90d, 4),
+                    "predicted_clv_365d": None if p.predicted_clv_365d is None else round(p.predicted_clv_365d, 2),
+                    "expected_next_order_at": None if p.expected_next_order_at is None
+                    else iso(p.expected_next_order_at),
+                }
+                if self.churn.updates >= self.config.churn_min_updates_to_publish:
+                    values["churn_probability"] = round(self.churn.predict(churn_features(stored.document, now)), 4)
+                new[p.customer_id] = values
+            written += await self.engine.write_predictions_many(new, f"{model.version}+churn-v{self.churn_version}")
         return {"model_version": model.version, "customers": len(summaries),
                 "params": {**model.to_dict()["bgnbd"], **(model.to_dict()["gamma_gamma"] or {})},
                 "predictions_written": written, "took_s": round(time.monotonic() - started, 3)}
