@@ -320,7 +320,10 @@ def render_text(r: JSON) -> str:
     elif m["auc"]:
         lines.append("  churn model AUC: " + ", ".join(f"{p} = {v:.3f}" for p, v in m["auc"]))
     else:
-        lines.append("  churn model AUC: not reported yet by GET /v1/models")
+        churn = m["status"].get("churn") if isinstance(m.get("status"), dict) else None
+        seen = (f" ({churn.get('updates')} labelled outcomes so far: {churn.get('churned_seen')} churned, "
+                f"{churn.get('retained_seen')} retained; AUC needs both)") if isinstance(churn, dict) else ""
+        lines.append("  churn model AUC: not defined yet" + seen)
     j = r["journeys"]
     lines.append("\nJOURNEYS (journeys API)")
     if "missing" in j:

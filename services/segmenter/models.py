@@ -209,8 +209,10 @@ class ModelRuntime:
     def _publish_metrics(self) -> None:
         scores = self.churn.scores()
         if self.churn.updates:
-            metrics.CHURN_AUC.set(scores["roc_auc"])
-            metrics.CHURN_LOG_LOSS.set(scores["log_loss"])
+            if scores["roc_auc"] is not None:
+                metrics.CHURN_AUC.set(scores["roc_auc"])
+            if scores["log_loss"] is not None:
+                metrics.CHURN_LOG_LOSS.set(scores["log_loss"])
 
     # ---- CLV -------------------------------------------------------------------------------------
     async def _days_by_customer(self, population: tuple[str, Any] | None = None

@@ -122,9 +122,24 @@ class ChurnModel:
         self.log_loss.update(churned, {True: observation.prediction, False: 1 - observation.prediction})
         self.pipeline.learn_one(dict(observation.features), churned)
         self.updates += 1
+        # getattr: models pickled before these counters existed still load.
+        self.churned_seen = getattr(self, "churned_seen", 0) + int(churned)
+        self.retained_seen = getattr(self, "retained_seen", 0) + int(not churned)
 
-    def scores(self) -> dict[str, float]:
-        return {"roc_auc": float(self.auc.get()), "log_loss": float(self.log_loss.get()), "updates": self.updates}
+    def scores(self) -> dict[str, float | int | None]:
+        """Progressive ROC AUC (None until both outcomes have been seen: it is undefined before), log loss and
+        the number of labelled outcomes of each kind.
+
+        >>> from datetime import UTC, datetime
+        >>> model = ChurnModel()
+        >>> model.learn(Observation("p1", datetime(2024, 1, 1, tzinfo=UTC), {"x": 1.0}, 0.3), 0)
+        >>> model.scores()["roc_auc"] is None, model.scores()["retained_seen"]
+        (True, 1)
+        """
+        churned, retained = getattr(self, "churned_seen", None), getattr(self, "retained_seen", None)
+        defined = churned is None or (churned > 0 and retained)
+        return {"roc_auc": float(self.auc.get()) if defined else None, "log_loss": float(self.log_loss.get()),
+                "updates": self.updates, "churned_seen": churned, "retained_seen": retained}
 
     def dumps(self) -> bytes:
         return pickle.dumps(self)

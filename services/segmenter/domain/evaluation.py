@@ -95,8 +95,8 @@ def compare_churn_models(days_by_customer: Mapping[str, Mapping[date, float]], o
     scores = model.scores()
     return ChurnComparison(
         observations=len(labels), dates=scored_dates, churn_rate=sum(labels) / max(len(labels), 1),
-        online_progressive_auc=scores["roc_auc"], online_auc_exact=roc_auc(labels, online),
-        online_log_loss=scores["log_loss"], bgnbd_auc=roc_auc(labels, baseline),
+        online_progressive_auc=float(scores["roc_auc"] or 0.0), online_auc_exact=roc_auc(labels, online),
+        online_log_loss=float(scores["log_loss"] or 0.0), bgnbd_auc=roc_auc(labels, baseline),
         bgnbd_expected_orders_auc=roc_auc(labels, expected_baseline),
     )
 
