@@ -147,7 +147,9 @@ class Stack:
             Component("prometheus", s.prometheus_port, self._prometheus_cmd, self._prometheus_ready, 30,
                       self._prometheus_prepare),
             Component("smtp", s.smtp_port, lambda: [py, "-m", "loyalist.smtp_sink"],
-                      lambda: _port_open(s.smtp_port) and _port_open(s.smtp_sink_http_port), 20),
+                      lambda: _port_open(s.smtp_port) and _port_open(s.smtp_sink_http_port), 20,
+                      env={"LOYALIST_SMTP_PORT": str(s.smtp_port),
+                           "LOYALIST_SMTP_SINK_HTTP_PORT": str(s.smtp_sink_http_port)}),
         ]
         for name in SERVICE_NAMES:
             port = s.service_port(name)

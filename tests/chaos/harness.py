@@ -47,21 +47,23 @@ INFRA_FAULTS = ("kafka", "cassandra", "redis")
 
 @contextlib.contextmanager
 def private_stack(base: Settings | None = None) -> Iterator[tuple[Settings, Stack]]:
-    """Kafka, Cassandra and Redis of our own, on free ports, in a temporary home (jars shared read-only)."""
+    """Kafka, Cassandra, Redis and an SMTP sink of our own, on free ports, in a temporary home (jars shared
+    read-only): the run needs nothing of the shared stack (notify's emails go to this sink, which is counted)."""
     base = base or Settings()
     home = Path(tempfile.mkdtemp(prefix="loyalist-chaos-"))
     settings = base.model_copy(update={
         "home": home, "jars_dir": base.jars_dir or base.state_dir / "jars",
         "kafka_port": free_port(), "kafka_controller_port": free_port(),
         "cassandra_port": free_port(), "cassandra_storage_port": free_port(), "cassandra_jmx_port": free_port(),
-        "redis_port": free_port(),
+        "redis_port": free_port(), "smtp_port": free_port(), "smtp_sink_http_port": free_port(),
     })
     stack = Stack(settings, quiet=True)
+    components = [*INFRA_FAULTS, "smtp"]
     try:
-        stack.up(list(INFRA_FAULTS))
+        stack.up(components)
         yield settings, stack
     finally:
-        stack.down(list(INFRA_FAULTS))
+        stack.down(components)
         shutil.rmtree(home, ignore_errors=True)
 
 
