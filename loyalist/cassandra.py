@@ -91,6 +91,18 @@ BATCH_MAX_STATEMENTS = 250
 Row = tuple[PreparedStatement, Sequence[Any]]
 
 
+IN_CHUNK = 100
+
+
+async def select_in(session: Session, statement: Any, keys: Sequence[Any], *, chunk: int = IN_CHUNK
+                    ) -> list[dict[str, Any]]:
+    """Rows of a prepared ``... WHERE key IN ?`` read for many keys: multi-partition reads of at most ``chunk``
+    keys each, all requests concurrently."""
+    chunks = [list(keys[i:i + chunk]) for i in range(0, len(keys), chunk)]
+    results = await asyncio.gather(*(execute(session, statement, (part,)) for part in chunks))
+    return [row for rows in results for row in rows]
+
+
 def _approx_size(params: Sequence[Any]) -> int:
     size = 16
     for value in params:

@@ -12,7 +12,7 @@ import orjson
 from cassandra.cluster import Session
 from cassandra.query import BatchStatement, BatchType, SimpleStatement
 
-from loyalist.cassandra import Row, execute, execute_writes
+from loyalist.cassandra import Row, execute, execute_writes, select_in
 from services.segmenter.domain.rules import EventRecord
 
 SCHEDULE_SHARDS = 16
@@ -132,10 +132,7 @@ class SegmenterStore:
         return self._profile_row(rows[0]) if rows else None
 
     async def _in_chunks(self, statement: Any, keys: Sequence[str]) -> list[dict[str, Any]]:
-        # Multi-partition IN reads, a bounded number of keys per request, the requests concurrently.
-        chunks = [list(keys[i:i + IN_CHUNK]) for i in range(0, len(keys), IN_CHUNK)]
-        results = await asyncio.gather(*(execute(self.s, statement, (chunk,)) for chunk in chunks))
-        return [row for rows in results for row in rows]
+        return await select_in(self.s, statement, keys, chunk=IN_CHUNK)
 
     async def profiles(self, profile_ids: Sequence[str]) -> dict[str, StoredProfile]:
         """The stored rows of many customers (absent ones are missing from the answer)."""

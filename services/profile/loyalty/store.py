@@ -9,7 +9,6 @@ redemptions from several API replicas.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
@@ -21,13 +20,11 @@ import orjson
 from cassandra.cluster import Session
 from cassandra.query import BatchStatement, BatchType
 
-from loyalist.cassandra import Row, execute, execute_writes
+from loyalist.cassandra import Row, execute, execute_writes, select_in
 from services.profile.loyalty.domain import Ledger, LedgerEvent, Program, ProgramDefinition
 from services.profile.loyalty.domain.ledger import event_from_dict, event_to_dict, ledger_from_dict, ledger_to_dict
 
 PROGRAM_ID = "default"
-# Keys per multi-partition IN read.
-IN_CHUNK = 100
 
 
 
@@ -106,22 +103,18 @@ class LedgerStore:
         return ledger_from_dict(orjson.loads(rows[0]["state"])), int(rows[0]["version"])
 
     async def load_many(self, profile_ids: Sequence[str]) -> dict[str, tuple[Ledger, int]]:
-        """``load`` for many customers, with multi-partition reads of ``IN_CHUNK`` keys."""
+        """``load`` for many customers, with multi-partition reads (``select_in``)."""
         found: dict[str, tuple[Ledger, int]] = {}
-        chunks = [list(profile_ids[i:i + IN_CHUNK]) for i in range(0, len(profile_ids), IN_CHUNK)]
-        for rows in await asyncio.gather(*(execute(self.session, self._load_many, (c,)) for c in chunks)):
-            for row in rows:
-                if row["version"] is not None:
-                    found[row["profile_id"]] = (ledger_from_dict(orjson.loads(row["state"])), int(row["version"]))
+        for row in await select_in(self.session, self._load_many, profile_ids):
+            if row["version"] is not None:
+                found[row["profile_id"]] = (ledger_from_dict(orjson.loads(row["state"])), int(row["version"]))
         return {pid: found.get(pid) or (Ledger(pid), 0) for pid in profile_ids}
 
     async def published_many(self, profile_ids: Sequence[str]) -> dict[str, int]:
         seqs: dict[str, int] = {}
-        chunks = [list(profile_ids[i:i + IN_CHUNK]) for i in range(0, len(profile_ids), IN_CHUNK)]
-        for rows in await asyncio.gather(*(execute(self.session, self._published_many, (c,)) for c in chunks)):
-            for row in rows:
-                if row["seq"] is not None:
-                    seqs[row["profile_id"]] = int(row["seq"])
+        for row in await select_in(self.session, self._published_many, profile_ids):
+            if row["seq"] is not None:
+                seqs[row["profile_id"]] = int(row["seq"])
         return {pid: seqs.get(pid, 0) for pid in profile_ids}
 
     def schedule_row(self, profile_id: str, due_at: datetime) -> Row:
@@ -208,10 +201,8 @@ class LedgerStore:
     async def birthdays_many(self, profile_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
         """The known birthdays among ``profile_ids`` (absent: none known)."""
         found: dict[str, tuple[int, int]] = {}
-        chunks = [list(profile_ids[i:i + IN_CHUNK]) for i in range(0, len(profile_ids), IN_CHUNK)]
-        for rows in await asyncio.gather(*(execute(self.session, self._get_birthdays, (c,)) for c in chunks)):
-            for row in rows:
-                found[row["profile_id"]] = (int(row["month"]), int(row["day"]))
+        for row in await select_in(self.session, self._get_birthdays, profile_ids):
+            found[row["profile_id"]] = (int(row["month"]), int(row["day"]))
         return found
 
     def unschedule_row(self, shard: int, due_at: datetime, profile_id: str) -> Row:
