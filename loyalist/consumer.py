@@ -58,6 +58,7 @@ class BatchConsumer:
                  on_revoked: Hook | None = None, on_assigned: Hook | None = None) -> None:
         self.settings = settings
         self.topic = topic
+        self.topics = [topic]  # subclasses reading several co-partitioned topics replace this
         self.group_id = group_id
         self.handler = handler
         self.service = service
@@ -91,7 +92,7 @@ class BatchConsumer:
         # aiokafka binds a consumer to the running loop: it is made here, not in __init__.
         self._consumer = make_consumer(self.settings, group_id=self.group_id,
                                        client_id=f"{self.group_id}-{self.stage}", **self._consumer_options)
-        self.consumer.subscribe([self.topic], listener=_Listener(self))
+        self.consumer.subscribe(self.topics, listener=_Listener(self))
         await self.consumer.start()
         self._task = asyncio.create_task(self._run(), name=f"{self.service}-{self.stage}")
 

@@ -13,14 +13,12 @@ retried. The group id is the one the faust agent used, so a deployment continues
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
-from loyalist.consumer import BatchConsumer, Handler, Hook, _Listener
+from loyalist.consumer import BatchConsumer, Handler, Hook
 from loyalist.consumer import Record as KafkaRecord
-from loyalist.kafka import make_consumer
 from loyalist.settings import Settings
 from loyalist.topics import EVENTS_RESOLVED, JOURNEY_TIMERS, PROFILE_CHANGED, SEGMENT_MEMBERSHIP
 from services.journeys.runner import JourneyRunner, Record
@@ -41,12 +39,6 @@ class MultiTopicConsumer(BatchConsumer):
         self.topics = list(topics)
         self._consumer_options["partition_assignment_strategy"] = (RangePartitionAssignor,)
 
-    async def start(self) -> None:
-        self._consumer = make_consumer(self.settings, group_id=self.group_id,
-                                       client_id=f"{self.group_id}-{self.stage}", **self._consumer_options)
-        self.consumer.subscribe(self.topics, listener=_Listener(self))
-        await self.consumer.start()
-        self._task = asyncio.create_task(self._run(), name=f"{self.service}-{self.stage}")
 
     def owned(self, topic: str) -> set[int]:
         """Partitions of ``topic`` assigned to this worker right now (empty before the first assignment)."""

@@ -18,8 +18,7 @@ from typing import Any
 import orjson
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
-from loyalist.consumer import BatchConsumer, Hook, Record, _Listener
-from loyalist.kafka import make_consumer
+from loyalist.consumer import BatchConsumer, Hook, Record
 from loyalist.metrics import STREAM_DURATION, STREAM_PROCESSED
 from loyalist.settings import Settings
 from loyalist.topics import EVENTS_RESOLVED, PROFILE_CHANGED
@@ -40,12 +39,6 @@ class SegmenterConsumer(BatchConsumer):
         # one process (its locks order them).
         self._consumer_options["partition_assignment_strategy"] = (RangePartitionAssignor,)
 
-    async def start(self) -> None:
-        self._consumer = make_consumer(self.settings, group_id=self.group_id,
-                                       client_id=f"{self.group_id}-{self.stage}", **self._consumer_options)
-        self.consumer.subscribe(self.topics, listener=_Listener(self))
-        await self.consumer.start()
-        self._task = asyncio.create_task(self._run(), name=f"{self.service}-{self.stage}")
 
 
 def _decode(value: bytes | None, agent: str) -> Any:
