@@ -69,7 +69,7 @@ class BatchConsumer:
         self.on_assigned = on_assigned
         self._consumer_options: dict[str, Any] = {
             "session_timeout_ms": session_timeout_ms, "heartbeat_interval_ms": max(500, session_timeout_ms // 5),
-            "max_poll_records": max_records, "max_partition_fetch_bytes": 4 * 1024 * 1024, "fetch_max_wait_ms": 50,
+            "max_poll_records": max_records, "max_partition_fetch_bytes": 4 * 1024 * 1024, "fetch_max_wait_ms": 500,
             "rebalance_timeout_ms": 60_000,
         }
         self._consumer: AIOKafkaConsumer | None = None

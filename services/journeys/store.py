@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -213,6 +213,8 @@ class TimerStore:
         self._delete = session.prepare(
             "DELETE FROM journey_timers WHERE shard = ? AND minute = ? AND due = ? AND instance_id = ? AND node_id = ?")
         self._cursor = session.prepare("SELECT minute FROM journey_timer_cursors WHERE shard = ?")
+        # Told the due time of every timer written here (the poller scans then instead of polling constantly).
+        self.on_written: Callable[[datetime], None] | None = None
         self._set_cursor = session.prepare("INSERT INTO journey_timer_cursors (shard, minute) VALUES (?, ?)")
 
     async def schedule(self, *, profile_id: str, journey_id: str, instance_id: str, node_id: str, due: datetime,
@@ -228,6 +230,8 @@ class TimerStore:
 
     async def write(self, rows: Sequence[tuple[Any, tuple[Any, ...]]]) -> None:
         await execute_writes(self.s, rows)
+        if self.on_written is not None and rows:
+            self.on_written(min(params[2] for _, params in rows))
 
     async def due(self, shard: int, minute: int, upto: datetime) -> list[TimerRow]:
         rows = await execute(self.s, self._due, (shard, minute, upto))

@@ -1,12 +1,17 @@
 """Timer wake-ups: each worker scans the Cassandra timer shards of the ``journey.timers`` partitions it owns
 and produces a wake-up for every due timer to that topic (keyed by profile, so the step runs in order with
 the customer's events). A timer row is deleted only after Kafka acknowledged its wake-up: at least once.
+
+Scans run every ``interval_s`` (for timers this worker did not write: another worker's before a rebalance)
+and, earlier, at the due time of every timer this worker writes itself (the store tells the poller), so a
+timer is fired on time without scanning Cassandra ten times a second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -26,7 +31,7 @@ MAX_PARTITIONS_PER_READ = 100
 
 class TimerPoller:
     def __init__(self, store: TimerStore, producer: AIOKafkaProducer, topic: str,
-                 owned_shards: Callable[[], set[int]], *, interval_s: float = 0.1) -> None:
+                 owned_shards: Callable[[], set[int]], *, interval_s: float = 0.5) -> None:
         self.store = store
         self.producer = producer
         self.topic = topic
@@ -35,6 +40,16 @@ class TimerPoller:
         self._cursors: dict[int, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._next_poll = 0.0  # epoch seconds of the next scan
+        self._woken = asyncio.Event()
+        store.on_written = self.due_at
+
+    def due_at(self, due: datetime) -> None:
+        """A timer due at ``due`` was written: scan no later than then."""
+        at = due.timestamp()
+        if at < self._next_poll:
+            self._next_poll = at
+            self._woken.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="journey-timers")
@@ -50,6 +65,7 @@ class TimerPoller:
 
     async def _run(self) -> None:
         while not self._stopping:
+            self._next_poll = time.time() + self.interval_s
             try:
                 await self.poll_once(datetime.now(UTC))
             except asyncio.CancelledError:
@@ -57,7 +73,15 @@ class TimerPoller:
             except Exception:
                 log.exception("timer poll failed; retrying")
                 await asyncio.sleep(1.0)
-            await asyncio.sleep(self.interval_s)
+            await self._sleep_until_next_poll()
+
+    async def _sleep_until_next_poll(self) -> None:
+        while (wait := self._next_poll - time.time()) > 0:
+            self._woken.clear()
+            try:
+                await asyncio.wait_for(self._woken.wait(), timeout=wait + 0.001)
+            except TimeoutError:
+                return
 
     async def poll_once(self, now: datetime) -> int:
         """Fire every due timer of the owned shards; returns how many wake-ups were produced.
