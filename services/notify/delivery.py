@@ -230,9 +230,7 @@ class Notifier:
             return await self._fail(req, "claimed", "unknown_template",
                                     f"no {req.channel} template {req.template_id!r}", attempts, user_id=user_id)
         if not recipient:
-            if not claimed and (outcome := await self._claim_late(req, now)) is not None:
-                return outcome
-            return await self._skip(req, "no_address", user_id)
+            return await self._skip(req, "no_address", user_id, now, claimed=claimed)
 
         consent_key = req.profile_id or address_subject(req.channel, recipient)
         _, suppression, rows, history = await asyncio.gather(
@@ -245,11 +243,10 @@ class Notifier:
         facts = MessageFacts(channel=req.channel, category=req.category, group=group,
                              timezone=(profile or {}).get("timezone"), expires_at=req.expires_at)
         decision = decide(facts, consent, history, now, self.policy)
-        if (isinstance(decision, Skip | Defer) and not claimed
-                and (outcome := await self._claim_late(req, now)) is not None):
-            return outcome
         if isinstance(decision, Skip):
-            return await self._skip(req, decision.reason, user_id)
+            return await self._skip(req, decision.reason, user_id, now, claimed=claimed)
+        if isinstance(decision, Defer) and not claimed and (outcome := await self._claim_late(req, now)) is not None:
+            return outcome
         if isinstance(decision, Defer):
             ok = await self.store.transition(req.idempotency_key, "claimed", self.owner, "deferred", now,
                                              due_at=decision.until, reason=decision.reason, user_id=user_id,
@@ -409,9 +406,22 @@ class Notifier:
         props.update(extra)
         return props
 
-    async def _skip(self, req: MessageRequest, reason: str, user_id: str | None) -> str:
-        ok = await self.store.transition(req.idempotency_key, "claimed", self.owner, "skipped", self.clock(),
-                                         reason=reason, user_id=user_id)
+    async def _skip(self, req: MessageRequest, reason: str, user_id: str | None, now: datetime, *,
+                    claimed: bool) -> str:
+        if claimed:
+            ok = await self.store.transition(req.idempotency_key, "claimed", self.owner, "skipped", self.clock(),
+                                             reason=reason, user_id=user_id)
+        else:
+            # Not claimed yet: the claim itself records the skip (one lightweight transaction, not two); a row
+            # that exists already is resumed like any other claim that lost.
+            ok, existing = await self.store.claim(req, self.owner, lease(now, self.config.lease_s), now,
+                                                  skipped=(reason, user_id))
+            if not ok:
+                assert existing is not None
+                outcome = await self._resume(req, existing, now, False)
+                if outcome is not None:
+                    return outcome
+                return await self._process(req, existing.attempts, now, claimed=True)
         if ok:
             SKIPPED.labels(req.channel, reason.split(":")[0]).inc()
         return f"skipped:{reason}" if ok else "lost_race"

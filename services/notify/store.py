@@ -93,6 +93,12 @@ class NotifyStore:
             "feedback_done, recipient, subject, user_id) "
             "VALUES (?, ?, ?, ?, ?, ?, 'sending', 0, ?, ?, ?, ?, ?, ?, false, false, ?, ?, ?) IF NOT EXISTS"
         )
+        self._claim_skipped = p(
+            "INSERT INTO notify_messages (idempotency_key, message_id, profile_id, channel, category, template_id, "
+            "status, attempts, owner, lease_until, request, requested_at, created_at, updated_at, ambiguous, "
+            "feedback_done, reason, user_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'skipped', 0, ?, ?, ?, ?, ?, ?, false, false, ?, ?) IF NOT EXISTS"
+        )
         self._feedback_done = p("UPDATE notify_messages SET feedback_done = true WHERE idempotency_key = ?")
         self._get = p(f"SELECT {_LOG_COLUMNS} FROM notify_messages WHERE idempotency_key = ?")
         self._takeover = p(
@@ -142,18 +148,22 @@ class NotifyStore:
 
     # ---- the delivery log state machine -------------------------------------------------------------
     async def claim(self, req: MessageRequest, owner: str, lease_until: datetime, now: datetime, *,
-                    sending: tuple[str, str, str | None] | None = None) -> tuple[bool, LogRow | None]:
+                    sending: tuple[str, str, str | None] | None = None,
+                    skipped: tuple[str, str | None] | None = None) -> tuple[bool, LogRow | None]:
         """``INSERT ... IF NOT EXISTS``: True for the first claimant, else the existing row.
 
-        With ``sending`` (recipient, subject, user id) the row starts as ``sending`` rather than ``claimed``: one
-        lightweight transaction instead of two for a request whose decision (send) was made before its claim."""
+        With ``sending`` (recipient, subject, user id) the row starts as ``sending`` rather than ``claimed``, with
+        ``skipped`` (reason, user id) as ``skipped``: one lightweight transaction instead of two for a request
+        whose decision was made before its claim."""
         values = [req.idempotency_key, req.message_id, req.profile_id, req.channel, req.category, req.template_id,
                   owner, _ts(lease_until), json.dumps(dict(req.raw), default=str), _ts(req.requested_at), _ts(now),
                   _ts(now)]
-        if sending is None:
-            rows = await execute(self.s, self._claim, values)
-        else:
+        if sending is not None:
             rows = await execute(self.s, self._claim_sending, [*values, *sending])
+        elif skipped is not None:
+            rows = await execute(self.s, self._claim_skipped, [*values, *skipped])
+        else:
+            rows = await execute(self.s, self._claim, values)
         row = rows[0]
         if row["[applied]"]:
             return True, None
