@@ -305,7 +305,8 @@ async def pipeline_phase(settings: Settings, fleet: Fleet, args: argparse.Namesp
         paths = [f"/v1/profiles/{prefix}-u{i}" for i in range(min(users, 5000))]
         say(f"profile API: GET /v1/profiles/{{id}} at {args.api_rate} req/s for {args.api_s}s, then max rate ...")
         paced = await run_in_process({"shape": "open", "url": profile, "headers": headers, "rate": args.api_rate,
-                                      "duration_s": args.api_s, "body": {"kind": "get", "paths": paths}})
+                                      "duration_s": args.api_s, "warmup_s": 1.0,
+                                      "body": {"kind": "get", "paths": paths}})
         closed = await run_in_process({"shape": "closed", "url": profile, "headers": headers, "concurrency": 16,
                                        "duration_s": 5, "body": {"kind": "get", "paths": paths}})
         results["profile_api"] = {
