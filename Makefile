@@ -77,7 +77,7 @@ TEST_AREAS := core ingest profile segmenter journeys notify loyalty ops fuzz cha
 
 test: lint
 	@failed=""; \
-	$(PY) -m pytest -q loyalist services || failed="$$failed packages"; \
+	$(PY) -m pytest -q loyalist services bench || failed="$$failed packages"; \
 	for area in $(TEST_AREAS); do \
 	  echo "== tests/$$area"; \
 	  $(PY) -m pytest -q tests/$$area || failed="$$failed $$area"; \

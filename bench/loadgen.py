@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import sys
 import time
 from collections import Counter
@@ -38,7 +39,7 @@ def percentiles(latencies_s: list[float]) -> JSON:
     xs = sorted(latencies_s)
 
     def rank(q: float) -> float:
-        idx = max(0, min(len(xs) - 1, round(q * len(xs) + 0.5) - 1))
+        idx = max(0, min(len(xs) - 1, math.ceil(q * len(xs)) - 1))  # the ⌈q·n⌉-th smallest
         return round(xs[idx] * 1000, 3)
 
     return {"count": len(xs), "p50_ms": rank(0.50), "p90_ms": rank(0.90), "p99_ms": rank(0.99),
@@ -112,6 +113,7 @@ async def run(spec: JSON) -> JSON:
     ok_requests = 0
     counter = 0
     warm_sent = 0
+    warm_ok = 0
     concurrency = int(spec.get("concurrency", 32))
     connector = aiohttp.TCPConnector(limit=max(concurrency, int(spec.get("max_in_flight", 256))), force_close=False)
     timeout = aiohttp.ClientTimeout(total=float(spec.get("timeout_s", 30)))
@@ -120,12 +122,13 @@ async def run(spec: JSON) -> JSON:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=reqs.headers) as session:
 
         async def one(n: int, due: float) -> None:
-            nonlocal ok_requests, first_error
+            nonlocal ok_requests, first_error, warm_ok
             method, url, data = reqs.build(n)
             try:
                 async with session.request(method, url, data=data) as resp:
                     text = await resp.read()
                     if due < measured_from:
+                        warm_ok += resp.status == 200
                         return  # a warm-up request
                     statuses[str(resp.status)] += 1
                     if resp.status == 200:
@@ -138,20 +141,22 @@ async def run(spec: JSON) -> JSON:
                 if first_error is None:
                     first_error = f"{type(exc).__name__}: {exc}"
 
-        # An open-shaped run may start with a warm-up at the same rate whose requests are not counted: the client
-        # opens its connections then (hundreds at once at the start of a paced run) instead of in the window.
-        warmup = float(spec.get("warmup_s", 0)) if spec["shape"] != "closed" else 0.0
+        # A run may start with a warm-up under the same load whose requests are not counted: the client opens its
+        # connections then (hundreds at once at the start of a paced run), and a freshly started server or broker
+        # (the JVM's JIT, the first produce to a new topic) reaches its steady speed, instead of in the window.
+        warmup = float(spec.get("warmup_s", 0))
         started = time.perf_counter()
         measured_from = started + warmup
         end = started + warmup + duration
         if spec["shape"] == "closed":
 
             async def worker() -> None:
-                nonlocal counter
-                while time.perf_counter() < end:
+                nonlocal counter, warm_sent
+                while (now := time.perf_counter()) < end:
                     n = counter
                     counter += 1
-                    await one(n, time.perf_counter())
+                    warm_sent += now < measured_from
+                    await one(n, now)
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         else:
@@ -187,6 +192,7 @@ async def run(spec: JSON) -> JSON:
         "requests_per_s": round(ok_requests / elapsed, 1) if elapsed else 0.0,
         "events_acknowledged": ok_requests * reqs.events_per_request(),
         "events_per_s": round(ok_requests * reqs.events_per_request() / elapsed, 1) if elapsed else 0.0,
+        "warmup_s": warmup, "warmup_events_acknowledged": warm_ok * reqs.events_per_request(),
         "statuses": dict(statuses), "errors": dict(errors), "first_error": first_error,
         "latency": percentiles(latencies),
     }

@@ -4,8 +4,9 @@ A ``Fleet`` creates a fresh namespace on running infrastructure (its own topics,
 dev credentials, exactly like the test fixtures do), starts ``python -m services.<name>`` processes on free
 ports — each knowing where the others listen — and can kill -9, restart and measure them.
 
->>> sorted(settings_env(Settings(namespace="x1", ingest_port=1)).items())[:1]
-[('LOYALIST_CASSANDRA_HOSTS', '127.0.0.1')]
+>>> env = settings_env(Settings(namespace="x1", ingest_port=1))
+>>> env["LOYALIST_NAMESPACE"], env["LOYALIST_INGEST_PORT"]
+('x1', '1')
 """
 
 from __future__ import annotations
