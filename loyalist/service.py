@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 
 from loyalist.auth import CredentialStore
 from loyalist.cassandra import execute, make_cluster
+from loyalist.heap import settle_heap
 from loyalist.kafka import make_producer
 from loyalist.logging import configure_logging
 from loyalist.redis import make_redis, redis_ready
@@ -145,6 +146,7 @@ class Resources:
             await self.stream_app.start()
         app.state.resources = self
         app.state.started = True
+        settle_heap()
 
     async def close(self, app: FastAPI) -> None:
         app.state.started = False

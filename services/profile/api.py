@@ -60,13 +60,10 @@ async def _follow(request: Request, profile_id: str) -> tuple[str, dict[str, Any
     """The live profile id (following merges) and its document, from Redis, else Cassandra."""
     hot, store = _hot(request), _store(request)
     for _ in range(MAX_REDIRECTS):
-        raw = await hot.document(profile_id)
+        hot_pid, raw = await hot.resolve(profile_id=profile_id, max_redirects=MAX_REDIRECTS)
+        profile_id = hot_pid or profile_id
         if raw is not None:
             return profile_id, orjson.loads(raw)
-        redirect = await hot.lookup("profile_id", profile_id)
-        if redirect:
-            profile_id = redirect
-            continue
         snapshot = (await store.documents([profile_id])).get(profile_id)
         if snapshot is None:
             return profile_id, None
@@ -78,10 +75,7 @@ async def _follow(request: Request, profile_id: str) -> tuple[str, dict[str, Any
     raise ApiError(500, "merge_loop", "profile redirects do not end")
 
 
-async def _lookup(request: Request, kind: str, value: str) -> str | None:
-    found = await _hot(request).lookup(kind, value)
-    if found:
-        return found
+async def _lookup_stored(request: Request, kind: str, value: str) -> str | None:
     known = await _store(request).lookup_identities([Identifier(kind, value)])
     return known.get(Identifier(kind, value))
 
@@ -93,7 +87,12 @@ async def resolve(request: Request, identifier: str, by: LookupKind | None) -> t
         if doc is not None or by == "profile_id":
             return pid, doc
     by = by or "user_id"
-    pid_found = await _lookup(request, by, _normalize(by, identifier))
+    value = _normalize(by, identifier)
+    # The common case in one Redis round trip: identifier -> profile id -> document.
+    hot_pid, raw = await _hot(request).resolve(ident=(by, value), max_redirects=MAX_REDIRECTS)
+    if raw is not None and hot_pid is not None:
+        return hot_pid, orjson.loads(raw)
+    pid_found = hot_pid or await _lookup_stored(request, by, value)
     if pid_found is None:
         return identifier, None
     return await _follow(request, pid_found)

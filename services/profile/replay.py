@@ -23,6 +23,7 @@ from cassandra.cluster import Cluster, NoHostAvailable, Session
 from tqdm import tqdm
 
 from loyalist.cassandra import connect, execute, migrate
+from loyalist.heap import settle_heap
 from loyalist.kafka import ensure_topics, make_producer
 from loyalist.redis import make_redis
 from loyalist.settings import Settings
@@ -193,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.in_place and args.source_kind == "store":
         parser.error("--from store needs a different --target-namespace (the store is the source)")
     target = source if args.in_place else Settings(**{**base.model_dump(), "namespace": args.target_namespace})
+    settle_heap()  # full collections would walk every module and client on each pass over the growing cache
     result = asyncio.run(replay(source, target, source_kind=args.source_kind, in_place=args.in_place,
                                 emit=args.emit, batch_size=args.batch_size))
     print(f"rebuilt from {result['events']:.0f} events in {result['seconds']:.1f}s "

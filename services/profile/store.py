@@ -351,12 +351,33 @@ class ProfileStore:
         await self._run("segments_delete", self._delete_segments, (profile_id,))
 
 
+# An identifier (or a profile id) to the live profile id and its document in one Redis round trip, following
+# merge redirects (``ident:profile_id:<merged>`` -> survivor) server-side. Keys are built in the script, so it
+# needs a single Redis instance (not Redis Cluster), which is what Loyalist deploys.
+_RESOLVE = """
+local pid = ARGV[1]
+if #KEYS == 1 then
+  pid = redis.call('GET', KEYS[1])
+  if not pid then return {false, false} end
+end
+for _ = 1, tonumber(ARGV[4]) do
+  local doc = redis.call('GET', ARGV[2] .. pid)
+  if doc then return {pid, doc} end
+  local survivor = redis.call('GET', ARGV[3] .. pid)
+  if not survivor then return {pid, false} end
+  pid = survivor
+end
+return {pid, false}
+"""
+
+
 class HotProfiles:
     """Redis: the hot profile document and identifier -> profile id lookups, under the namespace."""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
+        self._resolve = redis.register_script(_RESOLVE)
 
     def profile_key(self, profile_id: str) -> str:
         return self.settings.redis_key("profile", profile_id)
@@ -386,6 +407,20 @@ class HotProfiles:
         if value is None:
             return None
         return value.encode() if isinstance(value, str) else bytes(value)
+
+    async def resolve(self, *, ident: tuple[str, str] | None = None, profile_id: str | None = None,
+                      max_redirects: int = 8) -> tuple[str | None, bytes | None]:
+        """(live profile id, its document) for an identifier or a profile id, in one round trip: (None, None)
+        when the identifier is not in Redis, (id, None) when the profile's document is not (the caller asks
+        Cassandra)."""
+        keys = [self.ident_key(*ident)] if ident is not None else []
+        pid, doc = await self._resolve(keys=keys, args=[
+            profile_id or "", self.profile_key(""), self.ident_key("profile_id", ""), max_redirects])
+        if isinstance(pid, bytes):
+            pid = pid.decode()
+        if isinstance(doc, str):
+            doc = doc.encode()
+        return pid, doc
 
     async def lookup(self, kind: str, value: str) -> str | None:
         found = await self.redis.get(self.ident_key(kind, value))
