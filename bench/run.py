@@ -7,11 +7,13 @@ Phases (a few minutes in total):
 1. ingest alone (namespace A): ``/v1/batch`` events/s and ``/v1/track`` req/s with p50/p99 from a load
    generator process, each after a warm-up under the same load that is not counted; then the processors are
    started on the backlog this left and their events/s measured from their consumer groups' committed offsets;
-2. the whole pipeline (namespace B): a steady 1,000 events/s for ``--steady-s`` seconds while taps on
+2. ingest and profile only (namespace A2): the steady load and the API run of phase 3, to tell the profile
+   processor's own latency apart from what sharing two cores with every other service costs it;
+3. the whole pipeline (namespace B): a steady 1,000 events/s for ``--steady-s`` seconds while taps on
    ``profile.changed``, ``segment.membership`` and ``message.requests`` time every output against the moment
    ingest accepted its event; then the profile API at 1,000 req/s; replay; memory of every process;
-3. notify's SMTP path alone (namespace C);
-4. baselines — raw Kafka produce, Kafka round trip, Redis GET, Cassandra writes (``bench.baselines``), last
+4. notify's SMTP path alone (namespace C);
+5. baselines — raw Kafka produce, Kafka round trip, Redis GET, Cassandra writes (``bench.baselines``), last
    because the load they put on Kafka and Cassandra would slow whatever came right after them.
 
 A section whose service is not there (yet) or fails says why instead of a number.
@@ -225,7 +227,8 @@ def tap_result(tap: Tap, expected: int, window_s: float) -> JSON:
     return res
 
 
-async def pipeline_phase(settings: Settings, fleet: Fleet, args: argparse.Namespace, results: JSON) -> None:
+async def pipeline_phase(settings: Settings, fleet: Fleet, args: argparse.Namespace, results: JSON,
+                         *, replay: bool = True) -> None:
     ingest = fleet.url("ingest")
     headers = {"Authorization": f"Bearer {settings.dev_api_token}"}
     why_no_ingest = missing(fleet, "ingest")
@@ -321,7 +324,29 @@ async def pipeline_phase(settings: Settings, fleet: Fleet, args: argparse.Namesp
             results["profile_api"]["p99_ms"] = None
             results["profile_api"]["note"] = f"no GET succeeded: {paced['first_error']}"
 
-    results["replay"] = replay_phase(settings, fleet, args)
+    if replay:
+        results["replay"] = replay_phase(settings, fleet, args)
+
+
+async def profile_alone_phase(base: Settings, args: argparse.Namespace, fleets: list[Fleet]) -> JSON:
+    """The same steady load and API run with only ingest and profile running: what the profile processor does
+    when it does not share the two cores with segmenter, journeys and notify (the whole-pipeline figures are
+    the targets; this one tells the processor's own latency apart from the machine's)."""
+    if not (service_exists("ingest") and service_exists("profile")):
+        return not_measured("needs services/ingest and services/profile")
+    fleet = await asyncio.to_thread(Fleet.create, base, prefix="bench")
+    fleets.append(fleet)
+    await asyncio.to_thread(fleet.start, ["ingest", "profile"])
+    section: JSON = {}
+    try:
+        await pipeline_phase(fleet.settings, fleet, args, section, replay=False)
+    finally:
+        fleet.stop()
+    fresh, api = section.get("freshness") or {}, section.get("profile_api") or {}
+    return {"freshness_p50_ms": fresh.get("p50_ms"), "freshness_p99_ms": fresh.get("p99_ms"),
+            "api_p50_ms": api.get("p50_ms"), "api_p99_ms": api.get("p99_ms"),
+            "api_max_requests_per_s": api.get("max_requests_per_s"), "offered_events_per_s": args.rate,
+            "services": sorted(fleet.services), "freshness": fresh, "profile_api": api}
 
 
 def replay_phase(settings: Settings, fleet: Fleet, args: argparse.Namespace) -> JSON:
@@ -392,6 +417,8 @@ def flat_figures(results: JSON) -> JSON:
         "processor.profile_resolve_events_per_s": get("processor", "profile_resolve_events_per_s"),
         **{f"processor.{stage}_events_per_s": group_rate(results, stage) for stage in ("segmenter", "journeys")},
         "replay.events_per_s": get("replay", "events_per_s"),
+        "profile_alone.freshness_p99_ms": get("profile_alone", "freshness_p99_ms"),
+        "profile_alone.api_p99_ms": get("profile_alone", "api_p99_ms"),
         "notify.messages_per_s": get("notify", "messages_per_s"),
         "notify.p50_ms": get("notify", "p50_ms"),
         "notify.p99_ms": get("notify", "p99_ms"),
@@ -461,6 +488,9 @@ def render_table(results: JSON) -> str:
     replay_base = (replay.get("baseline") or {}).get("raw_cassandra_writes_per_s")
     for label, key, base_text in (
             ("event → profile p50 ms", "freshness.p50_ms", ""),
+            ("event → profile p99 ms, ingest + profile only", "profile_alone.freshness_p99_ms",
+             "the same steady rate, other services stopped"),
+            ("profile API p99 ms @1k req/s, ingest + profile only", "profile_alone.api_p99_ms", ""),
             ("profile resolver events/s (stage 1 of 2)", "processor.profile_resolve_events_per_s", ""),
             ("segmenter events/s on a backlog", "processor.segmenter_events_per_s", ""),
             ("journeys events/s on a backlog", "processor.journeys_events_per_s", ""),
@@ -501,6 +531,9 @@ async def main_async(args: argparse.Namespace) -> JSON:
         results["processor"] = await processor_phase(fleet_a.settings, fleet_a, args)
         memory_a = memory_phase([fleet_a], base)
         fleet_a.stop()
+
+        say("namespace A2 (ingest and profile only, the same steady rate) ...")
+        results["profile_alone"] = await profile_alone_phase(base, args, fleets)
 
         say("namespace B (the whole pipeline at a steady rate) ...")
         fleet_b = await asyncio.to_thread(Fleet.create, base, prefix="bench")
