@@ -42,7 +42,10 @@ class IngestConfig(BaseSettings):
 
     # How long a request waits for Kafka's acknowledgement before answering 503.
     produce_timeout_s: float = 5.0
-    producer_linger_ms: int = 5
+    # How long the producer waits to fill a batch. Concurrent calls are already grouped before they reach it (one
+    # admission round trip, one hand-off), so waiting longer mostly adds latency: 1 ms against 5 ms took
+    # /v1/track (32 connections) from 3,150-3,380 to 4,100-4,500 req/s and p99 from 16-23 ms to 11-14 ms.
+    producer_linger_ms: int = 1
     retry_after_s: int = 5
 
     # Secret of the development shop sources (Shopify "loyalist-dev.myshopify.com", WooCommerce
