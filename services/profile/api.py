@@ -71,6 +71,10 @@ async def _follow(request: Request, profile_id: str) -> tuple[str, dict[str, Any
         if merged_into:
             profile_id = merged_into
             continue
+        if document is not None:
+            # The snapshot is not rewritten when a segment membership changes; its rows are current.
+            rows = await store.segment_rows(profile_id)
+            document = {**document, "segments": sorted(r["segment_id"] for r in rows if r["member"])}
         return profile_id, document
     raise ApiError(500, "merge_loop", "profile redirects do not end")
 

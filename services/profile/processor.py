@@ -309,7 +309,12 @@ class Folder:
                 continue
             segments = {r["segment_id"]: (bool(r["member"]), int(r["changed_at"].timestamp() * 1000))
                         for r in segment_rows.get(pid, ())}
-            self.cache.put(pid, Loaded(snap.state, snap.document, None, segments))
+            loaded = Loaded(snap.state, snap.document, None, segments)
+            if loaded.document is not None and loaded.document.get("segments") != loaded.segment_ids():
+                # Membership changes are not written to the snapshot (their own rows are): the document is
+                # brought up to date here, as it was in Redis.
+                loaded.document = {**loaded.document, "segments": loaded.segment_ids()}
+            self.cache.put(pid, loaded)
 
     # ---- batch entry point -------------------------------------------------------------------------
     async def fold_batch(self, raws: Sequence[bytes]) -> None:
@@ -627,7 +632,10 @@ class Folder:
     # ---- segment membership ------------------------------------------------------------------------
     async def _apply_segments(self, memberships: Sequence[tuple[str, Op]]) -> None:
         """Membership changes of many profiles: the newest change per segment wins (older messages are ignored),
-        written in one round of writes with the updated documents."""
+        written in one round: the membership rows and the hot documents. The snapshot is not rewritten for a
+        membership change (it was a second snapshot write per customer entering a segment): loading a profile
+        reads its membership rows and brings the snapshot's document up to date, and so does the API when it
+        reads a document from Cassandra."""
         rows: list[tuple[str, str, str | None, bool, int]] = []
         changed: dict[str, Loaded] = {}
         for pid, op in memberships:
@@ -652,8 +660,7 @@ class Folder:
                 documents[pid] = item.document
         await asyncio.gather(
             self.store.upsert_segments(rows),
-            self.hot.write(documents, {}) if self.hot is not None and documents else asyncio.sleep(0),
-            self.store.save_many([(pid, item.state, item.document) for pid, item in changed.items()], self.clock()))
+            self.hot.write(documents, {}) if self.hot is not None and documents else asyncio.sleep(0))
 
     async def _segment(self, pid: str, item: Loaded, op: Op) -> None:
         # A membership change among a merge or erasure of the same batch: in order, on its own.

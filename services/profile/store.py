@@ -18,6 +18,7 @@ from cassandra.cluster import Session
 from redis.asyncio import Redis
 
 from loyalist.cassandra import Row, execute, execute_writes
+from loyalist.consumer import TimeSlice
 from loyalist.events import Event, decode_event
 from loyalist.metrics import STORE_CALLS, STORE_ERRORS
 from loyalist.settings import Settings
@@ -389,8 +390,13 @@ class HotProfiles:
                     deleted: Iterable[str] = (), deleted_idents: Iterable[tuple[str, str]] = ()) -> None:
         started = time.perf_counter()
         pipe = self.redis.pipeline(transaction=False)
-        # One MSET for all the values of a batch: per-command overhead dominates for thousands of keys.
-        values: dict[str, bytes | str] = {self.profile_key(pid): orjson.dumps(doc) for pid, doc in documents.items()}
+        # One MSET for all the values of a batch: per-command overhead dominates for thousands of keys. Thousands
+        # of documents take tens of milliseconds to encode: the event loop (the API) gets turns meanwhile.
+        values: dict[str, bytes | str] = {}
+        turns = TimeSlice()
+        for pid, doc in documents.items():
+            values[self.profile_key(pid)] = orjson.dumps(doc)
+            await turns.pause()
         values.update({self.ident_key(kind, value): pid for (kind, value), pid in idents.items()})
         if values:
             pipe.mset(values)
