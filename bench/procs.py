@@ -156,6 +156,7 @@ class Fleet:
     log_dir: Path
     services: dict[str, ServiceProc] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    replicas: list[ServiceProc] = field(default_factory=list)
 
     @classmethod
     def create(cls, base: Settings | None = None, *, prefix: str = "bench", extra: dict[str, object] | None = None,
@@ -203,8 +204,18 @@ class Fleet:
         svc = self.services.get(name)
         return svc.url if svc else None
 
+    def start_replica(self, name: str, timeout_s: float = 120, **extra_env: str) -> ServiceProc:
+        """One more process of a service, on a port of its own, with extra settings (e.g. the profile API alone:
+        ``LOYALIST_PROFILE_API_ONLY="true"``); waits for /readyz."""
+        settings = self.settings.model_copy(update={f"{name}_port": free_port()})
+        env = {**self.env(), **settings_env(settings), **extra_env}
+        svc = ServiceProc(name, settings, env, self.log_dir / f"{name}-replica{len(self.replicas) + 1}.log")
+        self.replicas.append(svc)
+        svc.start(timeout_s)
+        return svc
+
     def stop(self) -> None:
-        for svc in reversed(list(self.services.values())):
+        for svc in [*self.replicas, *reversed(list(self.services.values()))]:
             svc.kill(hard=False)
 
     def drop(self) -> None:

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     notify_port: int = 8005
     # Consumer-lag exporter (loyalist.checks.lag), scraped by Prometheus.
     lag_exporter_port: int = 8009
+    # A profile process that only serves the profile API (no stream processing): read replicas for the services
+    # that query profiles, scaled apart from the workers, whose batches then never hold up a request.
+    profile_api_only: bool = False
 
     # Base URLs other services use to reach each other (defaults follow the ports above).
     ingest_url: str | None = None

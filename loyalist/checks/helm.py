@@ -239,7 +239,8 @@ def _check_monitoring(out: Rendered, services: dict[str, Any], promtool: str | N
         spec = monitor["spec"]
         selected = [s for s in services.values()
                     if _matches(spec["selector"].get("matchLabels", {}), s["metadata"].get("labels", {}))]
-        expected = sum(1 for n in SERVICE_NAMES if out.values["services"][n]["enabled"])
+        # Every enabled entry of services (the five, and a second deployment such as profile-api).
+        expected = sum(1 for svc in out.values["services"].values() if svc.get("enabled"))
         expected += 1 if out.values.get("lagExporter", {}).get("enabled") else 0
         if len(selected) != expected:
             out.problem(f"ServiceMonitor: selects {len(selected)} Services, expected {expected} (every enabled one)")

@@ -32,7 +32,10 @@ DESCRIPTION = """Live customer profiles: identity resolution, the 360-degree pro
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     runtime = Runtime()
-    stream_app = build_stream_app(settings, runtime)
+    # LOYALIST_PROFILE_API_ONLY: the API without the pipeline (no consumers, no faust app). Erasure requests are
+    # still accepted: they go to the workers through the fold topic, and every worker reads the tombstones.
+    api_only = settings.profile_api_only
+    stream_app = None if api_only else build_stream_app(settings, runtime)
 
     async def on_start(resources: Resources, app: FastAPI) -> None:
         # The internal hand-over topic must exist before the fold agent subscribes.
@@ -51,11 +54,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await tombstones.refresh()
         runtime.tombstones = tombstones
         runtime.dispatch = dispatch
-        runtime.resolver = Resolver(store, hot, tombstones, dispatch)
-        runtime.folder = Folder(store, hot, Emitter(producer, settings), tombstones, dispatch)
         app.state.profile_store = store
         app.state.hot_profiles = hot
         app.state.profile_runtime = runtime
+        if api_only:
+            runtime.consumers = []
+            return
+        runtime.resolver = Resolver(store, hot, tombstones, dispatch)
+        runtime.folder = Folder(store, hot, Emitter(producer, settings), tombstones, dispatch)
         # The pipeline's consumers, then those extensions (loyalty) registered.
         runtime.consumers = build_consumers(settings, runtime) + list(getattr(app.state, "batch_consumers", []))
         for consumer in runtime.consumers:

@@ -229,3 +229,26 @@ def test_api_errors_are_clear(api: ProfileClient) -> None:
     assert api.get("/v1/profiles/x", by="email").json()["code"] == "invalid_identifier"
     assert api.get("/v1/profiles/x", by="nonsense").status_code == 422
     wait_for(lambda: True)
+
+
+def test_an_api_only_process_serves_what_the_workers_fold(stack_settings: Settings, api: ProfileClient,
+                                                           start_service: Any, api_headers: dict[str, str]) -> None:
+    """LOYALIST_PROFILE_API_ONLY: a second profile process with no stream processing answers the API from what
+    the worker folded, follows merge redirects, and hands erasures to the workers."""
+    replica = start_service("profile", LOYALIST_PROFILE_API_ONLY="true")
+    with replica.client() as client:
+        ready = client.get("/readyz").json()
+        assert "consumers" not in ready.get("checks", {}), ready
+        read_only = ProfileClient(client, api_headers)
+        anon, user = uid("anon"), uid("user")
+        produce(stack_settings, [make_event("page", anonymousId=anon, at=T0, properties={"url": "https://shop/a"})])
+        anon_doc = read_only.wait_profile(anon, lambda p: p["page_views_count"] == 1, by="anonymous_id")
+        produce(stack_settings, [make_event("identify", userId=user, anonymousId=anon, at=T0 + timedelta(minutes=1),
+                                            traits={"email": f"{user}@example.com"})])
+        doc = read_only.wait_profile(user, lambda p: p["email"] is not None, by="user_id")
+        assert doc == api.must(user, by="user_id")
+        assert read_only.must(anon_doc["profile_id"])["profile_id"] == doc["profile_id"]  # the merged id redirects
+        resp = client.delete(f"/v1/profiles/{doc['profile_id']}", headers=api_headers)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["status"] == "erased"
+        assert read_only.profile(user, by="user_id") is None and api.profile(user, by="user_id") is None

@@ -45,9 +45,10 @@ class _Lazy:
         return self.service
 
 
-def install(app: FastAPI, stream_app: faust.App, resources: Resources,
+def install(app: FastAPI, stream_app: faust.App | None, resources: Resources,
             config: LoyaltySettings | None = None) -> None:
-    """Add loyalty to the profile service: routes, the stream agent and the schedule timer.
+    """Add loyalty to the profile service: routes, the stream agent and the schedule timer (the routes alone
+    when ``stream_app`` is None: an API-only process).
 
     ``resources`` must open Cassandra and the Kafka producer (``cassandra=True, producer=True``).
     """
@@ -59,6 +60,8 @@ def install(app: FastAPI, stream_app: faust.App, resources: Resources,
     get_service = _Lazy(resources, config)
     app.state.loyalty = get_service
     app.include_router(build_router())
+    if stream_app is None:
+        return
     consumers = getattr(app.state, "batch_consumers", None)
     if consumers is None:
         consumers = app.state.batch_consumers = []

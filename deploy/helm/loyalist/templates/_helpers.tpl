@@ -91,9 +91,16 @@ LOYALIST_REDIS_PORT: {{ .Values.redis.port | quote }}
 LOYALIST_REDIS_DB: {{ .Values.redis.db | quote }}
 LOYALIST_SMTP_HOST: {{ .Values.smtp.host | quote }}
 LOYALIST_SMTP_PORT: {{ .Values.smtp.port | quote }}
+{{- $profileApi := index .Values.services "profile-api" | default dict }}
 {{- range $name, $svc := .Values.services }}
+{{- if not $svc.module }}
 LOYALIST_{{ upper $name }}_PORT: {{ $svc.port | quote }}
+{{- if and (eq $name "profile") $profileApi.enabled }}
+LOYALIST_PROFILE_URL: {{ printf "http://%s:%v" (include "loyalist.serviceName" (dict "root" $ "service" "profile-api")) $profileApi.port | quote }}
+{{- else }}
 LOYALIST_{{ upper $name }}_URL: {{ printf "http://%s:%v" (include "loyalist.serviceName" (dict "root" $ "service" $name)) $svc.port | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- range $key, $value := .Values.config.extraEnv }}
 {{ $key }}: {{ $value | quote }}
