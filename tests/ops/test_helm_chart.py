@@ -41,7 +41,8 @@ def test_default_and_production_values_pass_lint_template_and_schema_validation(
     assert set(rendered) == {"default values", "production-values.yaml"}
     for out in rendered.values():
         assert out.problems == [], "\n".join(out.problems)
-        assert len(out.of_kind("Deployment")) == 6  # five services + the lag exporter
+        # five services + the lag exporter, and the API-only profile deployment in production values
+        assert len(out.of_kind("Deployment")) == (7 if out.name == "production-values.yaml" else 6)
 
 
 def test_default_install_points_at_external_infrastructure_only(rendered: dict[str, Rendered]) -> None:
@@ -60,8 +61,16 @@ def test_default_install_points_at_external_infrastructure_only(rendered: dict[s
 def test_production_values_enable_monitoring_and_autoscaling(rendered: dict[str, Rendered]) -> None:
     out = rendered["production-values.yaml"]
     hpas = {h["spec"]["scaleTargetRef"]["name"]: h["spec"] for h in out.of_kind("HorizontalPodAutoscaler")}
-    assert set(hpas) == {"loyalist-ingest", "loyalist-profile", "loyalist-segmenter"}
+    assert set(hpas) == {"loyalist-ingest", "loyalist-profile", "loyalist-segmenter", "loyalist-profile-api"}
     assert hpas["loyalist-profile"]["maxReplicas"] <= 24  # never more workers than partitions
+    # The API-only profile deployment: the profile module in API-only mode, and every service queries it.
+    api = next(d for d in out.of_kind("Deployment") if d["metadata"]["name"] == "loyalist-profile-api")
+    container = api["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][-1] == "services.profile"
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert env["LOYALIST_PROFILE_API_ONLY"] == "true" and env["LOYALIST_PROFILE_PORT"] == "8012"
+    config = next(c for c in out.of_kind("ConfigMap") if c["metadata"]["name"].endswith("-config"))["data"]
+    assert config["LOYALIST_PROFILE_URL"] == "http://loyalist-profile-api:8012"
     assert not out.of_kind("Secret")  # existingSecret
     rules = out.of_kind("PrometheusRule")[0]["spec"]["groups"]
     files = sorted((CHART / "rules").glob("*.yml"))
