@@ -118,6 +118,19 @@ def credential_store(request: Request) -> CredentialStore:
 _bearer = HTTPBearer(auto_error=False)
 
 
+async def authorize(request: Request, scheme: str | None, token: str | None, scope: str) -> Credential:
+    """The API token of an ``Authorization: <scheme> <token>`` header, if it is a valid bearer token holding
+    ``scope``; else the 401/403 to answer."""
+    if scheme is None or scheme.lower() != "bearer" or not token:
+        raise ApiError(401, "missing_token", "send 'Authorization: Bearer <api token>'")
+    cred = await credential_store(request).lookup(token)
+    if cred is None or cred.kind != "api_token":
+        raise ApiError(401, "invalid_token", "the API token is unknown or revoked")
+    if not scope_allows(cred.scopes, scope):
+        raise ApiError(403, "insufficient_scope", f"this token lacks the '{scope}' scope")
+    return cred
+
+
 def require_scope(scope: str):  # type: ignore[no-untyped-def]
     """FastAPI dependency: a valid bearer API token holding ``scope``."""
 
@@ -125,14 +138,8 @@ def require_scope(scope: str):  # type: ignore[no-untyped-def]
         request: Request,
         creds: HTTPAuthorizationCredentials | None = Depends(_bearer),
     ) -> Credential:
-        if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
-            raise ApiError(401, "missing_token", "send 'Authorization: Bearer <api token>'")
-        cred = await credential_store(request).lookup(creds.credentials)
-        if cred is None or cred.kind != "api_token":
-            raise ApiError(401, "invalid_token", "the API token is unknown or revoked")
-        if not scope_allows(cred.scopes, scope):
-            raise ApiError(403, "insufficient_scope", f"this token lacks the '{scope}' scope")
-        return cred
+        return await authorize(request, creds.scheme if creds else None, creds.credentials if creds else None,
+                               scope)
 
     return dependency
 

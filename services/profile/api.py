@@ -109,6 +109,12 @@ async def _require(request: Request, identifier: str, by: LookupKind | None) -> 
     return pid, doc
 
 
+async def live_profile(request: Request, identifier: str, by: LookupKind | None) -> dict[str, Any]:
+    """The live profile document as the API answers it (``rfm.T_days`` measured to today)."""
+    _, doc = await _require(request, identifier, by)
+    return with_observation_day(doc, utcnow().date())
+
+
 def _parse_time(value: str, name: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))

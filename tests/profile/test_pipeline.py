@@ -252,3 +252,28 @@ def test_an_api_only_process_serves_what_the_workers_fold(stack_settings: Settin
         assert resp.status_code == 200, resp.text
         assert resp.json()["status"] == "erased"
         assert read_only.profile(user, by="user_id") is None and api.profile(user, by="user_id") is None
+
+
+def test_the_fast_read_path_answers_like_the_documented_route(stack_settings: Settings, api: ProfileClient) -> None:
+    """``GET /v1/profiles/{id}`` (optionally ``?by=``) is answered by a short ASGI path; with any other query
+    parameter FastAPI's route answers. Both give the same documents, errors and metrics."""
+    user = uid()
+    produce(stack_settings, [order(user, 42, T0, email=f"{user}@example.com")])
+    fast = api.wait_profile(user, lambda p: p["orders_count"] == 1, by="user_id")
+    today = datetime.now(UTC).date().isoformat()
+    routed = api.get(f"/v1/profiles/{user}", by="user_id", observation_date=today)
+    assert routed.status_code == 200 and routed.json() == fast
+    assert api.get(f"/v1/profiles/{fast['profile_id']}").json() == fast
+    assert api.get(f"/v1/profiles/{user}@example.com", by="email").json() == fast
+    for params in ({}, {"observation_date": today}):  # the fast path, then the route
+        missing = api.client.get(f"/v1/profiles/{user}", params=params)
+        assert (missing.status_code, missing.json()["code"]) == (401, "missing_token")
+        wrong = api.client.get(f"/v1/profiles/{user}", params=params, headers={"Authorization": "Bearer nope"})
+        assert (wrong.status_code, wrong.json()["code"]) == (401, "invalid_token")
+        unknown = api.get(f"/v1/profiles/{uid('nobody')}", by="user_id", **params)
+        assert (unknown.status_code, unknown.json()["code"]) == (404, "profile_not_found")
+    assert api.get(f"/v1/profiles/{user}", by="nonsense").status_code == 422  # left to FastAPI's validation
+    metrics = api.client.get("/metrics").text
+    for status in ("200", "401", "404"):
+        assert ('loyalist_http_requests_total{method="GET",route="/v1/profiles/{identifier}",service="profile",'
+                f'status="{status}"}}') in metrics
