@@ -408,12 +408,6 @@ class HotProfiles:
             await pipe.execute()
         STORE_CALLS.labels("profile", "redis", "write").observe(time.perf_counter() - started)
 
-    async def document(self, profile_id: str) -> bytes | None:
-        value = await self.redis.get(self.profile_key(profile_id))
-        if value is None:
-            return None
-        return value.encode() if isinstance(value, str) else bytes(value)
-
     async def resolve(self, *, ident: tuple[str, str] | None = None, profile_id: str | None = None,
                       max_redirects: int = 8) -> tuple[str | None, bytes | None]:
         """(live profile id, its document) for an identifier or a profile id, in one round trip: (None, None)
@@ -427,7 +421,3 @@ class HotProfiles:
         if isinstance(doc, str):
             doc = doc.encode()
         return pid, doc
-
-    async def lookup(self, kind: str, value: str) -> str | None:
-        found = await self.redis.get(self.ident_key(kind, value))
-        return found.decode() if isinstance(found, bytes) else found
