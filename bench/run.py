@@ -150,9 +150,18 @@ async def processor_phase(settings: Settings, fleet: Fleet, args: argparse.Names
     then the downstream processors on what it emitted; rates from the consumer groups' committed offsets."""
     if not service_exists("profile"):
         return not_measured("services/profile is not there yet")
-    say(f"processors: profile alone on a backlog of {await topic_size(settings, 'events.raw')} events, "
+    say(f"processors: profile alone on a backlog of {await topic_size(settings, 'events.raw')} events "
+        f"({'one process per stage' if args.profile_layout == 'split' else 'one process'}), "
         f"measuring for up to {args.drain_s}s ...")
-    await asyncio.to_thread(fleet.start, ["profile"])
+    if args.profile_layout == "split":
+        # One worker process per stage (LOYALIST_PROFILE_STAGES), as a deployment scales them: each stage's rate
+        # is then its own, not a share of one process with the others.
+        await asyncio.to_thread(fleet.start, ["profile"], LOYALIST_PROFILE_STAGES="resolve")
+        if "profile" in fleet.services:
+            for stage in ("fold", "loyalty"):
+                await asyncio.to_thread(fleet.start_replica, "profile", LOYALIST_PROFILE_STAGES=stage)
+    else:
+        await asyncio.to_thread(fleet.start, ["profile"])
     if "profile" not in fleet.services:
         return not_measured(f"profile did not start: {fleet.failures.get('profile', '')[:400]}")
     out: JSON = {"groups": await drain_rates(settings, ("profile",), args.drain_s)}
@@ -166,6 +175,7 @@ async def processor_phase(settings: Settings, fleet: Fleet, args: argparse.Names
     profile_group = f"{settings.namespace}-profile-fold"
     rate = out["groups"].get(profile_group, {}).get("events_per_s")
     out["profile_events_per_s"] = rate
+    out["profile_layout"] = args.profile_layout
     out["profile_resolve_events_per_s"] = out["groups"].get(f"{settings.namespace}-profile-resolve", {}).get(
         "events_per_s")
     if rate is None:
@@ -631,6 +641,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-concurrency", type=int, default=8)
     p.add_argument("--track-concurrency", type=int, default=32)
     p.add_argument("--drain-s", type=float, default=30, help="seconds to watch processors on the backlog")
+    p.add_argument("--profile-layout", choices=("split", "single"), default="split",
+                   help="the processor phase's profile service: one process per stage (resolve, fold, loyalty) "
+                        "or one process running all three")
     p.add_argument("--rate", type=int, default=1000, help="steady events/s for the latency figures")
     p.add_argument("--steady-s", type=float, default=20)
     p.add_argument("--tail-s", type=float, default=10, help="seconds to wait for late outputs after the load")

@@ -46,7 +46,10 @@ def make_cluster(settings: Settings, *, request_timeout_s: float = 15) -> Cluste
         contact_points=settings.cassandra_contact_points,
         port=settings.cassandra_port,
         execution_profiles={EXEC_PROFILE_DEFAULT: profile},
-        protocol_version=5,
+        # v4, not v5: v5 wraps every frame in checksummed segments that the driver builds in Python. With
+        # v4 an unlogged-batch write costs the client ~11 us of CPU instead of ~14 (60k rows, same node);
+        # TCP already checksums the bytes. Cassandra 5.0 speaks both.
+        protocol_version=4,
         connect_timeout=10,
     )
 

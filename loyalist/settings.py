@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICE_NAMES = ("ingest", "profile", "segmenter", "journeys", "notify")
+PROFILE_STAGES = ("resolve", "fold", "loyalty")
 
 
 class Settings(BaseSettings):
@@ -67,6 +68,11 @@ class Settings(BaseSettings):
     # A profile process that only serves the profile API (no stream processing): read replicas for the services
     # that query profiles, scaled apart from the workers, whose batches then never hold up a request.
     profile_api_only: bool = False
+    # Which stages a profile worker runs (comma-separated): "resolve" (identity resolution of events.raw),
+    # "fold" (profile.fold: store, fold, publish; segment memberships too) and "loyalty" (the loyalty ledger's
+    # consumers of events.resolved). Each is its own consumer group, so a deployment can run them in separate
+    # processes and scale them apart.
+    profile_stages: str = "resolve,fold,loyalty"
 
     # Base URLs other services use to reach each other (defaults follow the ports above).
     ingest_url: str | None = None
@@ -88,6 +94,22 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", value):
             raise ValueError("namespace must match [a-z][a-z0-9_]{0,40}")
         return value
+
+    @field_validator("profile_stages")
+    @classmethod
+    def _known_stages(cls, value: str) -> str:
+        stages = [s.strip() for s in value.split(",") if s.strip()]
+        if not stages or any(s not in PROFILE_STAGES for s in stages):
+            raise ValueError(f"profile_stages must be a comma-separated subset of {', '.join(PROFILE_STAGES)}")
+        return ",".join(stages)
+
+    @property
+    def profile_stage_set(self) -> frozenset[str]:
+        """
+        >>> sorted(Settings(profile_stages="fold").profile_stage_set)
+        ['fold']
+        """
+        return frozenset(self.profile_stages.split(","))
 
     @property
     def kafka_bootstrap(self) -> str:

@@ -63,7 +63,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime.resolver = Resolver(store, hot, tombstones, dispatch)
         runtime.folder = Folder(store, hot, Emitter(producer, settings), tombstones, dispatch)
         # The pipeline's consumers, then those extensions (loyalty) registered.
-        runtime.consumers = build_consumers(settings, runtime) + list(getattr(app.state, "batch_consumers", []))
+        runtime.consumers = build_consumers(settings, runtime)
+        if "loyalty" in settings.profile_stage_set:
+            runtime.consumers += list(getattr(app.state, "batch_consumers", []))
         for consumer in runtime.consumers:
             await consumer.start()
 

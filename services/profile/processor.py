@@ -130,8 +130,30 @@ class LRU(OrderedDict[Any, Any]):
             self.popitem(last=False)
 
 
-def fold_message(op: str, profile_id: str, **fields: Any) -> tuple[str, bytes]:
-    return profile_id, orjson.dumps({"op": op, "profileId": profile_id, **fields})
+def fold_message(op: str, profile_id: str, *, body: bytes | None = None, **fields: Any) -> tuple[str, bytes]:
+    """A ``profile.fold`` message: a one-line JSON header, then (events only) a newline and the event's bytes as
+    ingest wrote them. The folder validates those bytes once, without parsing them as part of the header and
+    serialising them again (which cost it ~10% of its CPU). orjson never writes a raw newline, so the first one
+    ends the header.
+
+    >>> key, value = fold_message("event", "p1", body=b'{"type":"track"}')
+    >>> value
+    b'{"op":"event","profileId":"p1"}\\n{"type":"track"}'
+    >>> parse_fold_message(value)["raw"]
+    b'{"type":"track"}'
+    """
+    header = orjson.dumps({"op": op, "profileId": profile_id, **fields})
+    return profile_id, header if body is None else header + b"\n" + body
+
+
+def parse_fold_message(value: bytes) -> Op:
+    header, newline, body = value.partition(b"\n")
+    op: Op = orjson.loads(header)
+    if newline:
+        op["raw"] = body
+    elif op.get("op") == "event" and "event" in op:
+        op["raw"] = orjson.dumps(op.pop("event"))  # the older form, the event inside the header
+    return op
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -220,7 +242,7 @@ class Resolver:
                 keyed.add(Identifier("user_id", event.user_id.strip()))
             direct = direct_profile_id(event)
             if direct:
-                out.append(fold_message("event", direct, event=orjson.Fragment(raw)))
+                out.append(fold_message("event", direct, body=raw))
                 continue
             plan = plan_resolution(ids, known)
             for ident in plan.claims:
@@ -235,7 +257,7 @@ class Resolver:
             for ident in ids:
                 known[ident] = plan.target
                 self.cache.put(ident, plan.target)
-            out.append(fold_message("event", plan.target, event=orjson.Fragment(raw)))
+            out.append(fold_message("event", plan.target, body=raw))
         return out, claims, relinks, keyed
 
 
@@ -321,7 +343,7 @@ class Folder:
         ops: list[Op] = []
         for raw in raws:
             try:
-                ops.append(orjson.loads(raw))
+                ops.append(parse_fold_message(raw))
             except orjson.JSONDecodeError:
                 log.warning("skipping an undecodable fold message")
         groups: dict[str, list[Op]] = {}
@@ -364,7 +386,10 @@ class Folder:
         parsed = op.get("parsed")
         if parsed is not None:
             return parsed  # type: ignore[no-any-return]
-        raw = orjson.dumps(op["event"])
+        raw = op.get("raw")
+        if not isinstance(raw, bytes):
+            metrics.PROCESSED.labels("fold", "invalid").inc()
+            return None
         try:
             return decode_event(raw), raw
         except (ValidationError, ValueError):
@@ -379,7 +404,7 @@ class Folder:
             item = self.cache[pid]
         if kind == "event":
             if item.merged_into:
-                forwards.append(fold_message("event", item.merged_into, event=op["event"]))
+                forwards.append(fold_message("event", item.merged_into, body=op["raw"]))
                 metrics.FORWARDED.inc()
             else:
                 await self._apply_events({pid: [op]}, forwards)

@@ -57,6 +57,8 @@ def build_stream_app(settings: Settings, runtime: Runtime) -> faust.App:
 
 
 def build_consumers(settings: Settings, runtime: Runtime) -> list[BatchConsumer]:
+    """The consumers of the stages this worker runs (``LOYALIST_PROFILE_STAGES``); segment memberships go with
+    the fold stage, whose owner writes each profile."""
     group = f"{settings.namespace}-profile"
 
     fold_consumer: BatchConsumer | None = None
@@ -86,13 +88,18 @@ def build_consumers(settings: Settings, runtime: Runtime) -> list[BatchConsumer]
         # Profiles of moved partitions may now be written by another worker: drop the cached states.
         runtime.folder.forget_all()
 
-    fold_consumer = BatchConsumer(settings, settings.topic(PROFILE_FOLD.name), group_id=f"{group}-fold",
-                                  handler=fold, service="profile", stage="fold", max_records=FOLD_BATCH,
-                                  on_revoked=forget_profiles, on_assigned=forget_profiles)
-    return [
-        BatchConsumer(settings, settings.topic(EVENTS_RAW.name), group_id=f"{group}-resolve", handler=resolve,
-                      service="profile", stage="resolve", max_records=RESOLVE_BATCH),
-        fold_consumer,
-        BatchConsumer(settings, settings.topic(SEGMENT_MEMBERSHIP.name), group_id=f"{group}-membership",
-                      handler=membership, service="profile", stage="membership", max_records=MEMBERSHIP_BATCH),
-    ]
+    stages = settings.profile_stage_set
+    consumers: list[BatchConsumer] = []
+    if "fold" in stages:
+        fold_consumer = BatchConsumer(settings, settings.topic(PROFILE_FOLD.name), group_id=f"{group}-fold",
+                                      handler=fold, service="profile", stage="fold", max_records=FOLD_BATCH,
+                                      on_revoked=forget_profiles, on_assigned=forget_profiles)
+    if "resolve" in stages:
+        consumers.append(BatchConsumer(settings, settings.topic(EVENTS_RAW.name), group_id=f"{group}-resolve",
+                                       handler=resolve, service="profile", stage="resolve",
+                                       max_records=RESOLVE_BATCH))
+    if fold_consumer is not None:
+        consumers += [fold_consumer, BatchConsumer(
+            settings, settings.topic(SEGMENT_MEMBERSHIP.name), group_id=f"{group}-membership", handler=membership,
+            service="profile", stage="membership", max_records=MEMBERSHIP_BATCH)]
+    return consumers
