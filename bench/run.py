@@ -52,14 +52,26 @@ TARGETS: dict[str, tuple[str, float, str]] = {
     "ingest.batch_events_per_s": ("ingest /v1/batch events/s", 20_000, ">="),
     "ingest.track_requests_per_s": ("ingest /v1/track req/s", 3_000, ">="),
     "ingest.track_p99_ms": ("ingest /v1/track p99 ms", 25, "<="),
-    "freshness.p99_ms": ("event → profile p99 ms", 500, "<="),
-    "segment.p99_ms": ("event → segment.entered p99 ms", 1_000, "<="),
-    "trigger.p99_ms": ("event → message request p99 ms", 1_000, "<="),
+    "funnel.freshness.p99_ms": ("event → profile p99 ms, funnel mix", 500, "<="),
+    "funnel.segment.p99_ms": ("event → segment.entered p99 ms, funnel mix", 1_000, "<="),
+    "funnel.trigger.p99_ms": ("event → message request p99 ms, funnel mix", 1_000, "<="),
+    "freshness.p99_ms": ("event → profile p99 ms, stress mix", 500, "<="),
+    "segment.p99_ms": ("event → segment.entered p99 ms, stress mix", 1_000, "<="),
+    "trigger.p99_ms": ("event → message request p99 ms, stress mix", 1_000, "<="),
     "profile_api.p99_ms": ("profile API p99 ms @1k req/s", 10, "<="),
     "processor.profile_events_per_s": ("profile processor events/s", 5_000, ">="),
 }
 
+# The stress mix: every user views, adds, starts a checkout and orders (4 events), so every user enters the
+# bench segment and gets a message: 250 orders and 250 messages a second at 1,000 events/s.
 STEADY_EVENTS = ["Product Viewed", "Product Added", "Checkout Started", "Order Completed"]
+# The funnel mix: 20 events per user, two users per cycle. One browses, starts a checkout and orders; the other
+# browses and abandons a checkout. At 1,000 events/s: 50 checkouts and 25 orders a second (90,000 orders an
+# hour), still more buying per event than most shops' trackers see.
+FUNNEL_EVENTS_PER_USER = 20
+FUNNEL_EVENTS = (["Product Viewed"] * 13 + ["Product Added"] * 3 + ["Product Viewed"] * 2
+                 + ["Checkout Started", "Order Completed"]
+                 + ["Product Viewed"] * 16 + ["Product Added"] * 3 + ["Checkout Started"])
 
 
 def not_measured(why: str) -> JSON:
@@ -237,27 +249,38 @@ def tap_result(tap: Tap, expected: int, window_s: float) -> JSON:
     return res
 
 
-async def pipeline_phase(settings: Settings, fleet: Fleet, args: argparse.Namespace, results: JSON,
-                         *, replay: bool = True) -> None:
-    ingest = fleet.url("ingest")
-    headers = {"Authorization": f"Bearer {settings.dev_api_token}"}
-    why_no_ingest = missing(fleet, "ingest")
-    setup_notes: dict[str, str] = {}
-    if fleet.url("segmenter"):
-        async with httpx.AsyncClient(base_url=fleet.url("segmenter") or "", headers=headers, timeout=20) as c:
-            try:
-                await create_bench_segment(c)
-            except Exception as exc:
-                setup_notes["segment"] = f"could not create the bench segment: {exc}"
-    if fleet.url("journeys"):
-        async with httpx.AsyncClient(base_url=fleet.url("journeys") or "", headers=headers, timeout=20) as c:
-            try:
-                await create_bench_journey(c)
-            except Exception as exc:
-                setup_notes["trigger"] = f"could not create the bench journey: {exc}"
+def describe_mix(names: list[str], per_user: int) -> JSON:
+    """What a mix sends, per user and per 1,000 events.
 
+    >>> describe_mix(STEADY_EVENTS, 4)["per_1000_events"]["Order Completed"]
+    250.0
+    """
+    counts = {n: names.count(n) for n in dict.fromkeys(names)}
+    return {"events_per_user": per_user, "users_per_cycle": len(names) // per_user,
+            "per_1000_events": {n: round(1000 * c / len(names), 1) for n, c in counts.items()}}
+
+
+def expected_outputs(names: list[str], acknowledged: int) -> JSON:
+    """Outputs the first ``acknowledged`` events of a mix must cause: a profile update counted per event, a
+    segment entry per order (the bench segment is *orders_count >= 1*; one order per ordering user), a message
+    request per checkout (the bench journey sends on every ``Checkout Started``).
+
+    >>> expected_outputs(STEADY_EVENTS, 10)
+    {'freshness': 10, 'segment': 2, 'trigger': 2}
+    """
+    def count(name: str) -> int:
+        return sum(1 for i in range(acknowledged) if names[i % len(names)] == name)
+
+    return {"freshness": acknowledged, "segment": count("Order Completed"), "trigger": count("Checkout Started")}
+
+
+async def steady_run(settings: Settings, fleet: Fleet, args: argparse.Namespace, results: JSON,
+                     setup_notes: dict[str, str], *, mix: list[str], events_per_user: int, prefix: str,
+                     label: str) -> JSON:
+    """``args.rate`` events/s of ``mix`` for ``args.steady_s`` s through ingest; fills ``results`` with the
+    freshness, segment and trigger latencies (``eventAcceptedAt`` → output on the topic) and returns the load
+    generator's result."""
     taps: dict[str, Tap] = {}
-    prefix = "bs"
     if fleet.url("profile"):
         taps["freshness"] = Tap(settings, "profile.changed", freshness_stamp(prefix))
     if fleet.url("segmenter"):
@@ -267,26 +290,21 @@ async def pipeline_phase(settings: Settings, fleet: Fleet, args: argparse.Namesp
         taps["trigger"] = Tap(settings, "message.requests", lambda v: v.get("eventAcceptedAt"))
     for tap in taps.values():
         await tap.start()
-
-    steady: JSON | None = None
-    if ingest is None:
-        for key in ("freshness", "segment", "trigger"):
-            results[key] = not_measured(why_no_ingest)
-    else:
-        per_request = 20
-        say(f"pipeline: steady {args.rate} events/s ({per_request} per /v1/batch) for {args.steady_s}s, "
-            f"timing outputs on {', '.join(t.topic for t in taps.values()) or 'no topic (no processor)'} ...")
-        steady = await run_in_process({
-            "shape": "open", "url": ingest, "write_key": settings.dev_write_key, "rate": args.rate / per_request,
-            "duration_s": args.steady_s, "max_in_flight": 64,
-            "body": {"kind": "batch", "batch_size": per_request, "events": STEADY_EVENTS, "events_per_user": 4,
+    per_request = 20
+    say(f"pipeline ({label}): steady {args.rate} events/s ({per_request} per /v1/batch) for {args.steady_s}s, "
+        f"timing outputs on {', '.join(t.topic for t in taps.values()) or 'no topic (no processor)'} ...")
+    try:
+        steady: JSON = await run_in_process({
+            "shape": "open", "url": fleet.url("ingest"), "write_key": settings.dev_write_key,
+            "rate": args.rate / per_request, "duration_s": args.steady_s, "max_in_flight": 64,
+            "body": {"kind": "batch", "batch_size": per_request, "events": mix, "events_per_user": events_per_user,
                      "prefix": prefix},
         })
         acknowledged = steady["events_acknowledged"]
-        users = acknowledged // len(STEADY_EVENTS)
-        expected = {"freshness": acknowledged, "segment": users, "trigger": users}
+        expected = expected_outputs(mix, acknowledged)
         # let the tail arrive: stop when every tap has what it expects or the window closes
         deadline = time.monotonic() + args.tail_s
+
         def waiting() -> bool:
             return any(len(t.latencies) < expected[k] for k, t in taps.items() if k not in setup_notes)
 
@@ -307,8 +325,44 @@ async def pipeline_phase(settings: Settings, fleet: Fleet, args: argparse.Namesp
                 results[key] = not_measured(missing(fleet, service))
         if taps.get("segment") is not None and not taps["segment"].latencies and "segment" not in setup_notes:
             results["segment"]["note"] = "no segment.entered carried eventAcceptedAt"
-    for tap in taps.values():
-        await tap.stop()
+    finally:
+        for tap in taps.values():
+            await tap.stop()
+    return steady
+
+
+async def pipeline_phase(settings: Settings, fleet: Fleet, args: argparse.Namespace, results: JSON,
+                         *, replay: bool = True, funnel: bool = True) -> None:
+    ingest = fleet.url("ingest")
+    headers = {"Authorization": f"Bearer {settings.dev_api_token}"}
+    why_no_ingest = missing(fleet, "ingest")
+    setup_notes: dict[str, str] = {}
+    if fleet.url("segmenter"):
+        async with httpx.AsyncClient(base_url=fleet.url("segmenter") or "", headers=headers, timeout=20) as c:
+            try:
+                await create_bench_segment(c)
+            except Exception as exc:
+                setup_notes["segment"] = f"could not create the bench segment: {exc}"
+    if fleet.url("journeys"):
+        async with httpx.AsyncClient(base_url=fleet.url("journeys") or "", headers=headers, timeout=20) as c:
+            try:
+                await create_bench_journey(c)
+            except Exception as exc:
+                setup_notes["trigger"] = f"could not create the bench journey: {exc}"
+
+    if ingest is None:
+        for key in ("freshness", "segment", "trigger"):
+            results[key] = not_measured(why_no_ingest)
+        steady: JSON | None = None
+    else:
+        if funnel:  # first: it leaves (almost) no backlog behind for the stress mix measured next
+            results["funnel"] = {"mix": describe_mix(FUNNEL_EVENTS, FUNNEL_EVENTS_PER_USER)}
+            await steady_run(settings, fleet, args, results["funnel"], setup_notes, mix=FUNNEL_EVENTS,
+                             events_per_user=FUNNEL_EVENTS_PER_USER, prefix="bf", label="funnel mix")
+        steady = await steady_run(settings, fleet, args, results, setup_notes, mix=STEADY_EVENTS,
+                                  events_per_user=len(STEADY_EVENTS), prefix="bs", label="stress mix")
+        results["stress_mix"] = describe_mix(STEADY_EVENTS, len(STEADY_EVENTS))
+    prefix = "bs"
 
     # profile API
     profile = fleet.url("profile")
@@ -395,7 +449,7 @@ async def profile_alone_phase(base: Settings, args: argparse.Namespace, fleets: 
     await asyncio.to_thread(fleet.start, ["ingest", "profile"])
     section: JSON = {}
     try:
-        await pipeline_phase(fleet.settings, fleet, args, section, replay=False)
+        await pipeline_phase(fleet.settings, fleet, args, section, replay=False, funnel=False)
     finally:
         fleet.stop()
     fresh, api = section.get("freshness") or {}, section.get("profile_api") or {}
@@ -463,6 +517,8 @@ def flat_figures(results: JSON) -> JSON:
         "ingest.batch_events_per_s": get("ingest", "batch_events_per_s"),
         "ingest.track_requests_per_s": get("ingest", "track_requests_per_s"),
         "ingest.track_p99_ms": get("ingest", "track_p99_ms"),
+        **{f"funnel.{k}.{q}": ((results.get("funnel") or {}).get(k) or {}).get(q)
+           for k in ("freshness", "segment", "trigger") for q in ("p50_ms", "p99_ms")},
         "freshness.p50_ms": get("freshness", "p50_ms"),
         "freshness.p99_ms": get("freshness", "p99_ms"),
         "segment.p99_ms": get("segment", "p99_ms"),
@@ -502,6 +558,7 @@ def attach_baselines(results: JSON, base: JSON) -> None:
         "processor": {"raw_cassandra_writes_per_s": cw["writes_per_s"],
                       "raw_kafka_produce_events_per_s": kp["events_per_s"]},
         "replay": {"raw_cassandra_writes_per_s": cw["writes_per_s"]},
+        "funnel": {"raw_kafka_roundtrip_p99_ms": rt["p99_ms"]},
     }
     for section, baseline in pairs.items():
         results.setdefault(section, {})
@@ -527,6 +584,7 @@ def render_table(results: JSON) -> str:
         "profile_api": lambda b: f"redis GET p99 {fmt(b['raw_redis_get_p99_ms'])} ms",
         "processor": lambda b: f"cassandra {fmt(b['raw_cassandra_writes_per_s'])} writes/s",
         "replay": lambda b: f"cassandra {fmt(b['raw_cassandra_writes_per_s'])} writes/s",
+        "funnel": lambda b: f"kafka hop p99 {fmt(b['raw_kafka_roundtrip_p99_ms'])} ms",
     }
     for key, (label, target, cmp) in TARGETS.items():
         section = key.split(".")[0]
@@ -534,6 +592,8 @@ def render_table(results: JSON) -> str:
         sec = results.get(section) or {}
         base = sec.get("baseline")
         btxt = baseline_text[section](base) if base and section in baseline_text else "—"
+        if section == "funnel":
+            sec = {**sec, **(sec.get(key.split(".")[1]) or {})}
         if value is None:
             why = sec.get("not_measured") or sec.get("note") or "not measured"
             verdict = f"not measured: {why}"[:140]
@@ -544,8 +604,9 @@ def render_table(results: JSON) -> str:
     replay = results.get("replay") or {}
     replay_base = (replay.get("baseline") or {}).get("raw_cassandra_writes_per_s")
     for label, key, base_text in (
-            ("event → profile p50 ms", "freshness.p50_ms", ""),
-            ("event → profile p99 ms, ingest + profile only", "profile_alone.freshness_p99_ms",
+            ("event → profile p50 ms, funnel mix", "funnel.freshness.p50_ms", ""),
+            ("event → profile p50 ms, stress mix", "freshness.p50_ms", ""),
+            ("event → profile p99 ms, ingest + profile only (stress)", "profile_alone.freshness_p99_ms",
              "the same steady rate, other services stopped"),
             ("profile API p99 ms @1k req/s, ingest + profile only", "profile_alone.api_p99_ms", ""),
             ("profile resolver events/s (stage 1 of 2)", "processor.profile_resolve_events_per_s", ""),

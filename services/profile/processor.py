@@ -421,7 +421,7 @@ class Folder:
 
     # ---- events ------------------------------------------------------------------------------------
     async def _apply_events(self, groups: dict[str, list[Op]], forwards: list[tuple[str, bytes]],
-                            done: dict[str, str] | None = None) -> None:
+                            done: set[str] | None = None) -> None:
         """Fold new events into their (cached) profiles with four rounds of writes whatever the batch size:
         events and downstream messages, then snapshots and the hot copies, then the dedup index."""
         candidates: dict[str, list[tuple[Event, bytes]]] = {}
@@ -482,11 +482,11 @@ class Folder:
         for row in pending.stored:
             metrics.FRESHNESS.observe(max(0.0, now_s - row.event.received_at.timestamp()))
 
-    def _maybe_done(self, candidates: dict[str, list[tuple[Event, bytes]]]) -> list[str]:
+    def _maybe_done(self, candidates: dict[str, list[tuple[Event, bytes]]]) -> dict[str, list[str]]:
         """Dedup keys of the events that may have been processed before: those not after the profile's last
         folded event. The last folded key is the greatest ever folded into the (snapshotted) state, and the
         dedup index is written only after the snapshot, so a later event cannot be in the index."""
-        keys: list[str] = []
+        keys: dict[str, list[str]] = {}
         for pid, evs in candidates.items():
             item = self.cache.get(pid)
             state = item.state if item is not None else None
@@ -494,7 +494,9 @@ class Folder:
             if last is None:
                 continue
             recent = item.recent if item is not None else {}
-            keys.extend(e.dedup_key for e, _ in evs if e.dedup_key in recent or event_key(e) <= last)
+            maybe = [e.dedup_key for e, _ in evs if e.dedup_key in recent or event_key(e) <= last]
+            if maybe:
+                keys[pid] = maybe
         return keys
 
     @staticmethod

@@ -34,8 +34,8 @@ from services.profile.store import HotProfiles, ProfileStore
 log = logging.getLogger("services.profile.replay")
 
 # Tables rebuilt by a replay (erasure tombstones and segment memberships are kept).
-DERIVED_TABLES = ("profile_events", "profile_event_index", "identities", "profile_identities", "profiles",
-                  "profile_merges")
+DERIVED_TABLES = ("profile_events", "profile_processed", "profile_event_index", "identities", "profile_identities",
+                  "profiles", "profile_merges")
 
 
 async def connect_with_retries(settings: Settings, attempts: int = 5) -> tuple[Cluster, Session]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -80,9 +80,15 @@ class ProfileStore:
         self._insert_event = p(
             "INSERT INTO profile_events (profile_id, ts, event_key, received_at, type, name, body) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)")
-        self._insert_index = p("INSERT INTO profile_event_index (event_key, profile_id, ts) VALUES (?, ?, ?)")
-        self._select_index = p("SELECT event_key, profile_id FROM profile_event_index WHERE event_key IN ?")
-        self._delete_index = p("DELETE FROM profile_event_index WHERE event_key = ?")
+        self._insert_processed = p("INSERT INTO profile_processed (profile_id, event_key, ts) VALUES (?, ?, ?)")
+        self._select_processed = p(
+            "SELECT event_key FROM profile_processed WHERE profile_id = ? AND event_key IN ?")
+        self._delete_processed = p("DELETE FROM profile_processed WHERE profile_id = ?")
+        # The older dedup index (one partition per event): read, never written, while it holds rows.
+        self._select_legacy_index = p("SELECT event_key, profile_id FROM profile_event_index WHERE event_key IN ?")
+        self._any_legacy_index = p("SELECT event_key FROM profile_event_index LIMIT 1")
+        self._delete_legacy_index = p("DELETE FROM profile_event_index WHERE event_key = ?")
+        self._legacy_index: bool | None = None  # unknown until first needed
         self._events_all = p("SELECT ts, event_key, body FROM profile_events WHERE profile_id = ?")
         self._events_after = p(
             "SELECT ts, event_key, body FROM profile_events WHERE profile_id = ? AND (ts, event_key) > (?, ?)")
@@ -156,14 +162,27 @@ class ProfileStore:
             STORE_CALLS.labels("profile", "cassandra", operation).observe(time.perf_counter() - started)
 
     # ---- event store -------------------------------------------------------------------------------
-    async def existing_event_keys(self, keys: Sequence[str]) -> dict[str, str]:
-        """Which of these events were fully processed already, and on which profile."""
-        found: dict[str, str] = {}
-        chunks = _chunks(list(dict.fromkeys(keys)), IN_CHUNK)
-        for rows in await gather_limited(self._run("index_lookup", self._select_index, (list(c),)) for c in chunks):
-            for row in rows:
-                found[row["event_key"]] = row["profile_id"]
+    async def existing_event_keys(self, keys: Mapping[str, Sequence[str]]) -> set[str]:
+        """Which of these events (dedup keys by profile) were fully processed already."""
+        wanted = [(pid, list(dict.fromkeys(ks))) for pid, ks in keys.items() if ks]
+        if not wanted:
+            return set()
+        lookups = [(pid, chunk) for pid, ks in wanted for chunk in _chunks(ks, IN_CHUNK)]
+        found: set[str] = set()
+        for rows in await gather_limited(self._run("index_lookup", self._select_processed, (pid, list(chunk)))
+                                         for pid, chunk in lookups):
+            found.update(row["event_key"] for row in rows)
+        rest = [k for _pid, ks in wanted for k in ks if k not in found]
+        if rest and await self._has_legacy_index():
+            for rows in await gather_limited(self._run("index_lookup", self._select_legacy_index, (list(c),))
+                                             for c in _chunks(rest, IN_CHUNK)):
+                found.update(row["event_key"] for row in rows)
         return found
+
+    async def _has_legacy_index(self) -> bool:
+        if self._legacy_index is None:
+            self._legacy_index = bool(await self._run("index_lookup", self._any_legacy_index))
+        return self._legacy_index
 
     async def write_events(self, rows: Sequence[StoredEvent], raw: dict[str, bytes]) -> None:
         """The events of a batch, in few requests (each row is an idempotent upsert)."""
@@ -173,9 +192,11 @@ class ProfileStore:
             for r in sorted(rows, key=lambda r: r.profile_id)])
 
     async def write_index(self, rows: Sequence[StoredEvent]) -> None:
-        """Marks events as processed: written last, after every other effect of the batch."""
+        """Marks events as processed: written last, after every other effect of the batch. Sorted by profile, so
+        each profile's rows of a batch request are one partition update."""
         await self._write("write_index", [
-            (self._insert_index, (r.event_key, r.profile_id, r.ts_ms)) for r in rows])
+            (self._insert_processed, (r.profile_id, r.event_key, r.ts_ms))
+            for r in sorted(rows, key=lambda r: r.profile_id)])
 
     def _decode_rows(self, profile_id: str, rows: list[Any]) -> list[StoredEvent]:
         return [StoredEvent(profile_id, dt_to_ms(r["ts"]), r["event_key"], decode_event(r["body"])) for r in rows]
@@ -197,8 +218,11 @@ class ProfileStore:
         return self._decode_rows(profile_id, rows)
 
     async def delete_events(self, profile_id: str, keys: Sequence[str]) -> None:
+        """A profile's events and their dedup entries (``keys``: those of the older index, if it has rows)."""
         await self._run("delete_events", self._delete_events, (profile_id,))
-        await gather_limited(self._run("delete_index", self._delete_index, (k,)) for k in keys)
+        await self._run("delete_index", self._delete_processed, (profile_id,))
+        if keys and await self._has_legacy_index():
+            await gather_limited(self._run("delete_index", self._delete_legacy_index, (k,)) for k in keys)
 
     async def repoint_index(self, rows: Sequence[StoredEvent]) -> None:
         await self.write_index(rows)

@@ -1,0 +1,69 @@
+"""The folder's dedup index against a real Cassandra: entries by profile, erasure, and the older index (one
+partition per event) still read while it holds rows, so an upgraded deployment does not fold an event twice."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from loyalist.cassandra import connect
+from loyalist.settings import Settings
+from services.profile.domain.profile import event_key
+from services.profile.store import ProfileStore, StoredEvent
+from tests.profile.conftest import make_event
+
+pytestmark = pytest.mark.integration
+
+
+def stored(profile_id: str) -> StoredEvent:
+    event = make_event(name="Product Viewed", userId="u")
+    ts_ms, key = event_key(event)
+    return StoredEvent(profile_id, ts_ms, key, event)
+
+
+def test_processed_events_are_found_by_profile_and_erased_with_it(stack_settings: Settings) -> None:
+    cluster, session = connect(stack_settings, keyspace=stack_settings.keyspace)
+
+    async def scenario() -> None:
+        store = ProfileStore(session)
+        p1, p2 = f"p-{uuid.uuid4().hex}", f"p-{uuid.uuid4().hex}"
+        a, b, c = stored(p1), stored(p1), stored(p2)
+        await store.write_index([c, a, b])
+        unseen = f"test:{uuid.uuid4().hex}"
+        assert await store.existing_event_keys({p1: [a.event_key, unseen], p2: [c.event_key]}) == {
+            a.event_key, c.event_key}
+        # An entry belongs to its profile: the same key asked for another profile is not processed there
+        # (a merge re-points the merged profile's entries to the survivor).
+        assert await store.existing_event_keys({p2: [b.event_key]}) == set()
+        assert await store.existing_event_keys({}) == set()
+        await store.delete_events(p1, [a.event_key, b.event_key])
+        assert await store.existing_event_keys({p1: [a.event_key, b.event_key], p2: [c.event_key]}) == {
+            c.event_key}
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cluster.shutdown()
+
+
+def test_the_older_index_is_read_while_it_holds_rows(stack_settings: Settings) -> None:
+    cluster, session = connect(stack_settings, keyspace=stack_settings.keyspace)
+    old_key = f"test:{uuid.uuid4().hex}"
+    pid = f"p-{uuid.uuid4().hex}"
+
+    async def scenario() -> None:
+        # What a deployment upgraded from the older index has: an entry there, none in profile_processed.
+        session.execute("INSERT INTO profile_event_index (event_key, profile_id, ts) VALUES (%s, %s, %s)",
+                        (old_key, pid, 0))
+        store = ProfileStore(session)
+        assert await store.existing_event_keys({pid: [old_key, f"test:{uuid.uuid4().hex}"]}) == {old_key}
+        await store.delete_events(pid, [old_key])  # erasure removes it there too
+        assert await ProfileStore(session).existing_event_keys({pid: [old_key]}) == set()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        session.execute("DELETE FROM profile_event_index WHERE event_key = %s", (old_key,))
+        cluster.shutdown()
