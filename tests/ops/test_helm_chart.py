@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from loyalist.checks.helm import CHART, Rendered, check_chart, check_coherence, find_helm, validate_schemas
+from loyalist.settings import Settings
 
 PRODUCTION = CHART / "ci" / "production-values.yaml"
 
@@ -174,3 +175,22 @@ def test_chart_links_dashboards_and_rules_to_their_single_source() -> None:
     assert (CHART / "dashboards").resolve() == (CHART.parents[1] / "grafana" / "dashboards").resolve()
     assert (CHART / "rules").resolve() == (CHART.parents[1] / "prometheus" / "rules").resolve()
     assert Path(PRODUCTION).is_file()
+
+
+def test_the_fold_stage_can_run_in_workers_of_its_own(helm: str) -> None:
+    result = template(helm, "--set", "services.profile-fold.enabled=true",
+                      "--set-string", "services.profile.extraEnv.LOYALIST_PROFILE_STAGES=resolve\\,loyalty")
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d and d.get("kind") == "Deployment"]
+
+    def stages(name: str) -> str | None:
+        container = next(d for d in docs if d["metadata"]["name"] == name)["spec"]["template"]["spec"][
+            "containers"][0]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert container["command"][-1] == "services.profile"
+        return env.get("LOYALIST_PROFILE_STAGES")
+
+    assert stages("t-loyalist-profile-fold") == "fold"
+    assert stages("t-loyalist-profile") == "resolve,loyalty"
+    # Both values are ones the service accepts.
+    assert Settings(profile_stages="resolve,loyalty").profile_stage_set == {"resolve", "loyalty"}
