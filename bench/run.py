@@ -157,6 +157,20 @@ async def drain_rates(settings: Settings, prefixes: tuple[str, ...], seconds: fl
     return groups
 
 
+async def start_profile(fleet: Fleet, layout: str) -> None:
+    """The profile service as one process, or (``split``) one worker process per stage
+    (``LOYALIST_PROFILE_STAGES``), as a deployment scales them: each stage's rate is then its own, and one stage's
+    CPU work does not delay the other's I/O on a shared event loop (identity lookups took ~17 ms in a process that
+    also folds, ~2 ms in one of their own)."""
+    if layout != "split":
+        await asyncio.to_thread(fleet.start, ["profile"])
+        return
+    await asyncio.to_thread(fleet.start, ["profile"], LOYALIST_PROFILE_STAGES="resolve")
+    if "profile" in fleet.services:
+        for stage in ("fold", "loyalty"):
+            await asyncio.to_thread(fleet.start_replica, "profile", LOYALIST_PROFILE_STAGES=stage)
+
+
 async def processor_phase(settings: Settings, fleet: Fleet, args: argparse.Namespace) -> JSON:
     """The profile processor alone on the backlog ingest left (each processor's own rate, not shared cores),
     then the downstream processors on what it emitted; rates from the consumer groups' committed offsets."""
@@ -165,15 +179,7 @@ async def processor_phase(settings: Settings, fleet: Fleet, args: argparse.Names
     say(f"processors: profile alone on a backlog of {await topic_size(settings, 'events.raw')} events "
         f"({'one process per stage' if args.profile_layout == 'split' else 'one process'}), "
         f"measuring for up to {args.drain_s}s ...")
-    if args.profile_layout == "split":
-        # One worker process per stage (LOYALIST_PROFILE_STAGES), as a deployment scales them: each stage's rate
-        # is then its own, not a share of one process with the others.
-        await asyncio.to_thread(fleet.start, ["profile"], LOYALIST_PROFILE_STAGES="resolve")
-        if "profile" in fleet.services:
-            for stage in ("fold", "loyalty"):
-                await asyncio.to_thread(fleet.start_replica, "profile", LOYALIST_PROFILE_STAGES=stage)
-    else:
-        await asyncio.to_thread(fleet.start, ["profile"])
+    await start_profile(fleet, args.profile_layout)
     if "profile" not in fleet.services:
         return not_measured(f"profile did not start: {fleet.failures.get('profile', '')[:400]}")
     out: JSON = {"groups": await drain_rates(settings, ("profile",), args.drain_s)}
@@ -446,7 +452,8 @@ async def profile_alone_phase(base: Settings, args: argparse.Namespace, fleets: 
         return not_measured("needs services/ingest and services/profile")
     fleet = await asyncio.to_thread(Fleet.create, base, prefix="bench")
     fleets.append(fleet)
-    await asyncio.to_thread(fleet.start, ["ingest", "profile"])
+    await asyncio.to_thread(fleet.start, ["ingest"])
+    await start_profile(fleet, args.profile_layout)
     section: JSON = {}
     try:
         await pipeline_phase(fleet.settings, fleet, args, section, replay=False, funnel=False)
@@ -498,9 +505,11 @@ def _drop_replay_target(target: Settings) -> None:
 def memory_phase(fleets: list[Fleet], base: Settings) -> JSON:
     procs: JSON = {}
     for fleet in fleets:
-        for name, svc in fleet.services.items():
+        for name, svc in [*fleet.services.items(), *((r.name, r) for r in fleet.replicas)]:
             if svc.pid:
-                procs[f"{name} ({fleet.settings.namespace})"] = svc.rss()
+                role = svc.env.get("LOYALIST_PROFILE_STAGES") if name == "profile" else None
+                role = role or ("api" if svc.env.get("LOYALIST_PROFILE_API_ONLY") == "true" else None)
+                procs[f"{name}{f' {role}' if role else ''} ({fleet.settings.namespace})"] = svc.rss()
     for name, pid in infra_pids(base).items():
         if name in ("kafka", "cassandra", "redis", "prometheus", "smtp"):
             procs[name] = rss_bytes(pid)
@@ -663,7 +672,9 @@ async def main_async(args: argparse.Namespace) -> JSON:
         say("namespace B (the whole pipeline at a steady rate) ...")
         fleet_b = await asyncio.to_thread(Fleet.create, base, prefix="bench")
         fleets.append(fleet_b)
-        await asyncio.to_thread(fleet_b.start, available_services())
+        await asyncio.to_thread(fleet_b.start, [n for n in available_services() if n != "profile"])
+        if "profile" in available_services():
+            await start_profile(fleet_b, args.profile_layout)
         results["failures"] = {**fleet_a.failures, **fleet_b.failures}
         await pipeline_phase(fleet_b.settings, fleet_b, args, results)
         results["memory"] = memory_phase([fleet_b], base)
@@ -703,7 +714,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--track-concurrency", type=int, default=32)
     p.add_argument("--drain-s", type=float, default=30, help="seconds to watch processors on the backlog")
     p.add_argument("--profile-layout", choices=("split", "single"), default="split",
-                   help="the processor phase's profile service: one process per stage (resolve, fold, loyalty) "
+                   help="the profile service in every phase: one process per stage (resolve, fold, loyalty) "
                         "or one process running all three")
     p.add_argument("--rate", type=int, default=1000, help="steady events/s for the latency figures")
     p.add_argument("--steady-s", type=float, default=20)

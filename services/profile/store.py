@@ -17,7 +17,7 @@ import orjson
 from cassandra.cluster import Session
 from redis.asyncio import Redis
 
-from loyalist.cassandra import Row, execute, execute_writes
+from loyalist.cassandra import Row, execute, execute_writes, partition_chunks
 from loyalist.consumer import TimeSlice
 from loyalist.events import Event, decode_event
 from loyalist.metrics import STORE_CALLS, STORE_ERRORS
@@ -232,7 +232,7 @@ class ProfileStore:
         by_kind: dict[str, list[str]] = {}
         for ident in set(identifiers):
             by_kind.setdefault(ident.kind, []).append(ident.value)
-        queries = [(kind, chunk) for kind, values in by_kind.items() for chunk in _chunks(values, IN_CHUNK)]
+        queries = [(kind, chunk) for kind, values in by_kind.items() for chunk in partition_chunks(values)]
         results = await gather_limited(
             self._run("identity_lookup", self._select_identity, (kind, list(chunk))) for kind, chunk in queries)
         found: dict[Identifier, str] = {}
@@ -291,7 +291,7 @@ class ProfileStore:
     async def load_many(self, profile_ids: Sequence[str]) -> dict[str, Snapshot]:
         """Snapshots of many profiles in few requests (absent profiles get an empty snapshot)."""
         out = {pid: Snapshot(None, None, None) for pid in profile_ids}
-        chunks = _chunks(list(profile_ids), IN_CHUNK)
+        chunks = partition_chunks(list(profile_ids))
         for rows in await gather_limited(self._run("snapshot_load", self._select_profiles, (list(c),)) for c in chunks):
             for row in rows:
                 state = ProfileState.from_json(orjson.loads(row["state"])) if row["state"] else None
@@ -301,7 +301,7 @@ class ProfileStore:
 
     async def segment_rows_many(self, profile_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {pid: [] for pid in profile_ids}
-        chunks = _chunks(list(profile_ids), IN_CHUNK)
+        chunks = partition_chunks(list(profile_ids))
         for rows in await gather_limited(self._run("segments", self._select_segments_in, (list(c),)) for c in chunks):
             for row in rows:
                 out[row["profile_id"]].append(row)
