@@ -507,8 +507,10 @@ def memory_phase(fleets: list[Fleet], base: Settings) -> JSON:
     for fleet in fleets:
         for name, svc in [*fleet.services.items(), *((r.name, r) for r in fleet.replicas)]:
             if svc.pid:
-                role = svc.env.get("LOYALIST_PROFILE_STAGES") if name == "profile" else None
-                role = role or ("api" if svc.env.get("LOYALIST_PROFILE_API_ONLY") == "true" else None)
+                role = None
+                if name == "profile":
+                    api_only = svc.env.get("LOYALIST_PROFILE_API_ONLY") == "true"
+                    role = "api" if api_only else svc.env.get("LOYALIST_PROFILE_STAGES")
                 procs[f"{name}{f' {role}' if role else ''} ({fleet.settings.namespace})"] = svc.rss()
     for name, pid in infra_pids(base).items():
         if name in ("kafka", "cassandra", "redis", "prometheus", "smtp"):

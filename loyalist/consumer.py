@@ -77,6 +77,7 @@ class BatchConsumer:
         self._pending: dict[TopicPartition, int] = {}
         self._processed: dict[TopicPartition, int] = {}
         self._task: asyncio.Task[None] | None = None
+        self._commit_task: asyncio.Task[None] | None = None
         self.batches = 0
         self.records = 0
         self._sizes = STREAM_BATCH_SIZE.labels(service, stage)
@@ -108,6 +109,7 @@ class BatchConsumer:
             except (asyncio.CancelledError, Exception):
                 pass
         if self._consumer is not None:
+            await self._settle_commit()
             await self._consumer.stop()
 
     def backlog(self) -> int:
@@ -131,7 +133,20 @@ class BatchConsumer:
             await result
 
     async def _commit_pending(self) -> None:
+        """Commit every processed offset now (after the commit in flight, if any)."""
+        await self._settle_commit()
+        await self._commit(self._take_pending())
+
+    def _take_pending(self) -> dict[TopicPartition, int]:
         pending, self._pending = self._pending, {}
+        return pending
+
+    async def _settle_commit(self) -> None:
+        task, self._commit_task = self._commit_task, None
+        if task is not None:
+            await task
+
+    async def _commit(self, pending: dict[TopicPartition, int]) -> None:
         if not pending:
             return
         try:
@@ -173,7 +188,11 @@ class BatchConsumer:
             self.records += len(records)
             self._sizes.observe(len(records))
             self._durations.observe(time.perf_counter() - started)
-            await self._commit_pending()
+            # The commit of a batch's offsets (made after all its effects) runs while the next batch is fetched
+            # and processed: one round trip less per batch. One commit at a time, in order; a rebalance and
+            # stop() wait for it.
+            await self._settle_commit()
+            self._commit_task = asyncio.create_task(self._commit(self._take_pending()))
 
 
 def record_values(records: Sequence[Any]) -> list[bytes]:
