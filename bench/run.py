@@ -58,6 +58,7 @@ TARGETS: dict[str, tuple[str, float, str]] = {
     "freshness.p99_ms": ("event → profile p99 ms, stress mix", 500, "<="),
     "segment.p99_ms": ("event → segment.entered p99 ms, stress mix", 1_000, "<="),
     "trigger.p99_ms": ("event → message request p99 ms, stress mix", 1_000, "<="),
+    "timers.lateness_p99_ms": ("journey timer lateness p99 ms, funnel mix", 1_000, "<="),
     "profile_api.p99_ms": ("profile API p99 ms @1k req/s", 10, "<="),
     "processor.profile_events_per_s": ("profile processor events/s", 5_000, ">="),
 }
@@ -232,6 +233,108 @@ async def create_bench_journey(client: httpx.AsyncClient) -> str:
     return journey_id
 
 
+TIMER_DELAY_S = 5
+
+
+async def create_bench_timer_journey(client: httpx.AsyncClient) -> str:
+    """A journey that waits ``TIMER_DELAY_S`` after each checkout starts and then ends: a durable timer per
+    checkout and nothing downstream, so the timers' own lateness is measured."""
+    resp = await client.post("/v1/journeys", json={
+        "name": "bench timers", "description": f"a {TIMER_DELAY_S}-second timer per checkout (bench)",
+        "entry": {"type": "event", "event": "Checkout Started", "key": "checkout_id"},
+        "reentry": {"policy": "always"}, "start": "wait",
+        "nodes": [{"id": "wait", "type": "delay", "duration": f"PT{TIMER_DELAY_S}S", "next": "end"},
+                  {"id": "end", "type": "exit"}],
+    })
+    if resp.status_code >= 300:
+        raise RuntimeError(f"POST /v1/journeys → {resp.status_code} {resp.text[:300]}")
+    journey_id = str(resp.json().get("id") or resp.json().get("journey_id"))
+    act = await client.post(f"/v1/journeys/{journey_id}/activate")
+    if act.status_code >= 300:
+        raise RuntimeError(f"activate → {act.status_code} {act.text[:300]}")
+    return journey_id
+
+
+def timer_metrics(text: str) -> JSON:
+    """Timer wake-ups fired and the lateness histogram (due → step) from the journeys service's /metrics.
+
+    >>> timer_metrics('loyalist_journey_timers_fired_total{kind="delay"} 3.0\\n'
+    ...               'loyalist_journey_timer_lateness_seconds_bucket{le="0.5"} 2.0\\n'
+    ...               'loyalist_journey_timer_lateness_seconds_bucket{le="+Inf"} 3.0\\n')
+    {'fired': 3.0, 'buckets': [(0.5, 2.0), (inf, 3.0)]}
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fired = 0.0
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "loyalist_journey_timers_fired_total":
+                fired += sample.value
+            elif sample.name == "loyalist_journey_timer_lateness_seconds_bucket":
+                le = float(sample.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + sample.value
+    return {"fired": fired, "buckets": sorted(buckets.items())}
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus's ``histogram_quantile``: linear interpolation inside the bucket holding the quantile.
+
+    >>> histogram_quantile(0.5, [(0.1, 0.0), (0.5, 10.0), (1.0, 20.0), (float("inf"), 20.0)])
+    0.5
+    >>> histogram_quantile(0.99, [(0.1, 0.0), (0.5, 10.0), (1.0, 20.0), (float("inf"), 20.0)])
+    0.99
+    """
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_le, lower_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return lower_le  # beyond the last finite bound: that bound is what is known
+            width = count - lower_count
+            return round(lower_le + (le - lower_le) * ((rank - lower_count) / width if width else 1.0), 4)
+        lower_le, lower_count = le, count
+    return None
+
+
+async def measure_timers(journeys_url: str, headers: dict[str, str], before: JSON, expected: int,
+                         wait_s: float) -> JSON:
+    """Wait until ``expected`` more timers fired (or ``wait_s`` passed); their rate and lateness."""
+    started = time.monotonic()
+    first_fire: float | None = None
+    async with httpx.AsyncClient(base_url=journeys_url, headers=headers, timeout=10) as client:
+        while True:
+            now_metrics = timer_metrics((await client.get("/metrics")).text)
+            fired = now_metrics["fired"] - before["fired"]
+            if fired > 0 and first_fire is None:
+                first_fire = time.monotonic()
+            if fired >= expected or time.monotonic() - started > wait_s:
+                break
+            await asyncio.sleep(0.5)
+    finished = time.monotonic()
+    base = dict(before["buckets"])
+    delta = [(le, count - base.get(le, 0.0)) for le, count in now_metrics["buckets"]]
+    within_1s = next((count for le, count in delta if le == 1.0), None)
+    total = delta[-1][1] if delta else 0.0
+    out: JSON = {
+        "fired": int(fired), "expected": expected, "delay_s": TIMER_DELAY_S,
+        "fired_per_s": round(fired / (finished - first_fire), 1) if first_fire and finished > first_fire else None,
+        "lateness_p50_ms": _ms(histogram_quantile(0.5, delta)), "lateness_p99_ms": _ms(histogram_quantile(0.99, delta)),
+        "share_within_1s": round(within_1s / total, 4) if within_1s is not None and total else None,
+        "source": "the journeys service's loyalist_journey_timer_lateness_seconds histogram (due → step), "
+                  "quantiles interpolated within its buckets",
+    }
+    if expected and fired < 0.99 * expected:
+        out["note"] = f"only {int(fired)} of {expected} timers fired within {wait_s:.0f}s"
+    return out
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
 def freshness_stamp(prefix: str) -> Any:
     """A ``profile.changed`` update folds one or more new events of a profile: each of them counts, with the
     latency of the oldest (when ingest accepted it) — an upper bound for the others."""
@@ -363,8 +466,24 @@ async def pipeline_phase(settings: Settings, fleet: Fleet, args: argparse.Namesp
     else:
         if funnel:  # first: it leaves (almost) no backlog behind for the stress mix measured next
             results["funnel"] = {"mix": describe_mix(FUNNEL_EVENTS, FUNNEL_EVENTS_PER_USER)}
-            await steady_run(settings, fleet, args, results["funnel"], setup_notes, mix=FUNNEL_EVENTS,
-                             events_per_user=FUNNEL_EVENTS_PER_USER, prefix="bf", label="funnel mix")
+            timer_journey, timers_before = None, None
+            journeys = fleet.url("journeys")
+            if journeys:
+                try:
+                    async with httpx.AsyncClient(base_url=journeys, headers=headers, timeout=20) as c:
+                        timer_journey = await create_bench_timer_journey(c)
+                        timers_before = timer_metrics((await c.get("/metrics")).text)
+                except Exception as exc:
+                    results["timers"] = not_measured(f"could not create the bench timer journey: {exc}")
+            funnel_load = await steady_run(settings, fleet, args, results["funnel"], setup_notes, mix=FUNNEL_EVENTS,
+                                           events_per_user=FUNNEL_EVENTS_PER_USER, prefix="bf", label="funnel mix")
+            if journeys and timer_journey and timers_before is not None:
+                checkouts = expected_outputs(FUNNEL_EVENTS, funnel_load["events_acknowledged"])["trigger"]
+                say(f"timers: waiting for the {checkouts} {TIMER_DELAY_S}-second timers of the funnel's checkouts ...")
+                results["timers"] = await measure_timers(journeys, headers, timers_before, checkouts,
+                                                         TIMER_DELAY_S + args.tail_s)
+                async with httpx.AsyncClient(base_url=journeys, headers=headers, timeout=20) as c:
+                    await c.post(f"/v1/journeys/{timer_journey}/pause")  # no timers under the stress mix
         steady = await steady_run(settings, fleet, args, results, setup_notes, mix=STEADY_EVENTS,
                                   events_per_user=len(STEADY_EVENTS), prefix="bs", label="stress mix")
         results["stress_mix"] = describe_mix(STEADY_EVENTS, len(STEADY_EVENTS))
@@ -534,6 +653,9 @@ def flat_figures(results: JSON) -> JSON:
         "freshness.p99_ms": get("freshness", "p99_ms"),
         "segment.p99_ms": get("segment", "p99_ms"),
         "trigger.p99_ms": get("trigger", "p99_ms"),
+        "timers.lateness_p99_ms": get("timers", "lateness_p99_ms"),
+        "timers.lateness_p50_ms": get("timers", "lateness_p50_ms"),
+        "timers.fired_per_s": get("timers", "fired_per_s"),
         "profile_api.p99_ms": get("profile_api", "p99_ms"),
         "profile_api.max_requests_per_s": get("profile_api", "max_requests_per_s"),
         "profile_api.stream_process_p99_ms": get("profile_api", "stream_process_p99_ms"),
@@ -621,6 +743,9 @@ def render_table(results: JSON) -> str:
              "the same steady rate, other services stopped"),
             ("profile API p99 ms @1k req/s, ingest + profile only", "profile_alone.api_p99_ms", ""),
             ("profile resolver events/s (stage 1 of 2)", "processor.profile_resolve_events_per_s", ""),
+            ("journey timers fired/s, funnel mix", "timers.fired_per_s",
+             f"one {TIMER_DELAY_S}-second timer per checkout"),
+            ("journey timer lateness p50 ms, funnel mix", "timers.lateness_p50_ms", ""),
             ("segmenter events/s on a backlog", "processor.segmenter_events_per_s", ""),
             ("journeys events/s on a backlog", "processor.journeys_events_per_s", ""),
             ("notify SMTP path messages/s", "notify.messages_per_s", "opted-in marketing, private SMTP server"),
