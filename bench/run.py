@@ -299,36 +299,65 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
     return None
 
 
-async def measure_timers(journeys_url: str, headers: dict[str, str], before: JSON, expected: int,
-                         wait_s: float) -> JSON:
-    """Wait until ``expected`` more timers fired (or ``wait_s`` passed); their rate and lateness."""
-    started = time.monotonic()
-    first_fire: float | None = None
-    async with httpx.AsyncClient(base_url=journeys_url, headers=headers, timeout=10) as client:
-        while True:
-            now_metrics = timer_metrics((await client.get("/metrics")).text)
-            fired = now_metrics["fired"] - before["fired"]
-            if fired > 0 and first_fire is None:
-                first_fire = time.monotonic()
-            if fired >= expected or time.monotonic() - started > wait_s:
+class TimerWatch:
+    """Samples the journeys service's timer metrics every half second from before a load until its timers have
+    fired: the rate is taken between the first and the last wake-up seen, not over the wait."""
+
+    def __init__(self, journeys_url: str, headers: dict[str, str]) -> None:
+        self.client = httpx.AsyncClient(base_url=journeys_url, headers=headers, timeout=10)
+        self.samples: list[tuple[float, JSON]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def sample(self) -> JSON:
+        metrics = timer_metrics((await self.client.get("/metrics")).text)
+        self.samples.append((time.monotonic(), metrics))
+        return metrics
+
+    async def start(self) -> None:
+        await self.sample()
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(httpx.HTTPError):
+                    await self.sample()
+
+        self._task = asyncio.create_task(loop())
+
+    async def finish(self, expected: int, wait_s: float) -> JSON:
+        """Wait until ``expected`` timers fired since :meth:`start` (or ``wait_s`` passed); rate and lateness."""
+        deadline = time.monotonic() + wait_s
+        before = self.samples[0][1]
+        while time.monotonic() < deadline:
+            if self.samples[-1][1]["fired"] - before["fired"] >= expected:
                 break
             await asyncio.sleep(0.5)
-    finished = time.monotonic()
-    base = dict(before["buckets"])
-    delta = [(le, count - base.get(le, 0.0)) for le, count in now_metrics["buckets"]]
-    within_1s = next((count for le, count in delta if le == 1.0), None)
-    total = delta[-1][1] if delta else 0.0
-    out: JSON = {
-        "fired": int(fired), "expected": expected, "delay_s": TIMER_DELAY_S,
-        "fired_per_s": round(fired / (finished - first_fire), 1) if first_fire and finished > first_fire else None,
-        "lateness_p50_ms": _ms(histogram_quantile(0.5, delta)), "lateness_p99_ms": _ms(histogram_quantile(0.99, delta)),
-        "share_within_1s": round(within_1s / total, 4) if within_1s is not None and total else None,
-        "source": "the journeys service's loyalist_journey_timer_lateness_seconds histogram (due → step), "
-                  "quantiles interpolated within its buckets",
-    }
-    if expected and fired < 0.99 * expected:
-        out["note"] = f"only {int(fired)} of {expected} timers fired within {wait_s:.0f}s"
-    return out
+        if self._task is not None:
+            self._task.cancel()
+        await self.client.aclose()
+        fired = self.samples[-1][1]["fired"] - before["fired"]
+        moving = [(t, m["fired"]) for t, m in self.samples if m["fired"] > before["fired"]]
+        first = next(((t, f) for t, f in moving), None)
+        last = next(((t, f) for t, f in moving if f == moving[-1][1]), None) if moving else None
+        rate = None
+        if first and last and last[0] > first[0]:
+            rate = round((last[1] - first[1]) / (last[0] - first[0]), 1)
+        base = dict(before["buckets"])
+        delta = [(le, count - base.get(le, 0.0)) for le, count in self.samples[-1][1]["buckets"]]
+        within_1s = next((count for le, count in delta if le == 1.0), None)
+        total = delta[-1][1] if delta else 0.0
+        out: JSON = {
+            "fired": int(fired), "expected": expected, "delay_s": TIMER_DELAY_S, "fired_per_s": rate,
+            "lateness_p50_ms": _ms(histogram_quantile(0.5, delta)),
+            "lateness_p99_ms": _ms(histogram_quantile(0.99, delta)),
+            "share_within_1s": round(within_1s / total, 4) if within_1s is not None and total else None,
+            "source": "the journeys service's loyalist_journey_timer_lateness_seconds histogram (due → step), "
+                      "quantiles interpolated within its buckets",
+        }
+        if expected and fired < 0.99 * expected:
+            out["note"] = f"only {int(fired)} of {expected} timers fired within {wait_s:.0f}s after the load"
+            out["lateness_p99_ms"] = None
+        return out
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -466,22 +495,22 @@ async def pipeline_phase(settings: Settings, fleet: Fleet, args: argparse.Namesp
     else:
         if funnel:  # first: it leaves (almost) no backlog behind for the stress mix measured next
             results["funnel"] = {"mix": describe_mix(FUNNEL_EVENTS, FUNNEL_EVENTS_PER_USER)}
-            timer_journey, timers_before = None, None
+            timer_journey, watch = None, None
             journeys = fleet.url("journeys")
             if journeys:
                 try:
                     async with httpx.AsyncClient(base_url=journeys, headers=headers, timeout=20) as c:
                         timer_journey = await create_bench_timer_journey(c)
-                        timers_before = timer_metrics((await c.get("/metrics")).text)
+                    watch = TimerWatch(journeys, headers)
+                    await watch.start()
                 except Exception as exc:
                     results["timers"] = not_measured(f"could not create the bench timer journey: {exc}")
             funnel_load = await steady_run(settings, fleet, args, results["funnel"], setup_notes, mix=FUNNEL_EVENTS,
                                            events_per_user=FUNNEL_EVENTS_PER_USER, prefix="bf", label="funnel mix")
-            if journeys and timer_journey and timers_before is not None:
+            if journeys and timer_journey and watch is not None:
                 checkouts = expected_outputs(FUNNEL_EVENTS, funnel_load["events_acknowledged"])["trigger"]
                 say(f"timers: waiting for the {checkouts} {TIMER_DELAY_S}-second timers of the funnel's checkouts ...")
-                results["timers"] = await measure_timers(journeys, headers, timers_before, checkouts,
-                                                         TIMER_DELAY_S + args.tail_s)
+                results["timers"] = await watch.finish(checkouts, TIMER_DELAY_S + args.tail_s)
                 async with httpx.AsyncClient(base_url=journeys, headers=headers, timeout=20) as c:
                     await c.post(f"/v1/journeys/{timer_journey}/pause")  # no timers under the stress mix
         steady = await steady_run(settings, fleet, args, results, setup_notes, mix=STEADY_EVENTS,
