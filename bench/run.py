@@ -495,6 +495,11 @@ async def pipeline_phase(settings: Settings, fleet: Fleet, args: argparse.Namesp
     else:
         if funnel:  # first: it leaves (almost) no backlog behind for the stress mix measured next
             results["funnel"] = {"mix": describe_mix(FUNNEL_EVENTS, FUNNEL_EVENTS_PER_USER)}
+            # Freshly started processes join their consumer groups, open connections and fill caches during
+            # their first seconds of load: a short run of the same load first, not counted.
+            warmup = argparse.Namespace(**{**vars(args), "steady_s": args.pipeline_warmup_s})
+            await steady_run(settings, fleet, warmup, {}, setup_notes, mix=FUNNEL_EVENTS,
+                             events_per_user=FUNNEL_EVENTS_PER_USER, prefix="bw", label="warm-up, not counted")
             timer_journey, watch = None, None
             journeys = fleet.url("journeys")
             if journeys:
@@ -874,6 +879,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "or one process running all three")
     p.add_argument("--rate", type=int, default=1000, help="steady events/s for the latency figures")
     p.add_argument("--steady-s", type=float, default=20)
+    p.add_argument("--pipeline-warmup-s", type=float, default=5,
+                   help="seconds of the funnel load before the whole pipeline's runs, not counted")
     p.add_argument("--tail-s", type=float, default=10, help="seconds to wait for late outputs after the load")
     p.add_argument("--api-rate", type=int, default=1000)
     p.add_argument("--api-s", type=float, default=10)
