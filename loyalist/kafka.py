@@ -115,11 +115,14 @@ async def ensure_topics(settings: Settings, topics: Iterable[Topic] = TOPICS, *,
 
 
 async def delete_namespace_topics(settings: Settings) -> None:
-    """Remove every topic of this namespace (test teardown)."""
+    """Remove every topic of this namespace (test teardown): its own (``<namespace>.``) and those the faust
+    apps of its services made (``<namespace>-<service>-...``: leader and changelog topics), which used to be
+    left behind and piled up on a shared broker (116 of them after one session of bench runs)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="loyalist-admin")
     await admin.start()
     try:
-        names = [n for n in await admin.list_topics() if n.startswith(settings.namespace + ".")]
+        prefixes = (settings.namespace + ".", settings.namespace + "-")
+        names = [n for n in await admin.list_topics() if n.startswith(prefixes)]
         if names:
             await admin.delete_topics(names)
     finally:
