@@ -214,16 +214,8 @@ async def create_bench_segment(client: httpx.AsyncClient) -> str:
     return str(resp.json().get("id") or resp.json().get("segment_id"))
 
 
-async def create_bench_journey(client: httpx.AsyncClient) -> str:
-    """A journey that requests a message as soon as a checkout starts (no delay node)."""
-    resp = await client.post("/v1/journeys", json={
-        "name": "bench trigger", "description": "a message request as soon as a checkout starts (bench)",
-        "entry": {"type": "event", "event": "Checkout Started", "key": "checkout_id"},
-        "reentry": {"policy": "always"}, "start": "send",
-        "nodes": [{"id": "send", "type": "send", "channel": "email", "template": "abandoned_checkout",
-                   "data": {"checkout_id": "$entry.properties.checkout_id"}, "next": "end"},
-                  {"id": "end", "type": "exit"}],
-    })
+async def create_active_journey(client: httpx.AsyncClient, definition: JSON) -> str:
+    resp = await client.post("/v1/journeys", json=definition)
     if resp.status_code >= 300:
         raise RuntimeError(f"POST /v1/journeys → {resp.status_code} {resp.text[:300]}")
     journey_id = str(resp.json().get("id") or resp.json().get("journey_id"))
@@ -231,6 +223,18 @@ async def create_bench_journey(client: httpx.AsyncClient) -> str:
     if act.status_code >= 300:
         raise RuntimeError(f"activate → {act.status_code} {act.text[:300]}")
     return journey_id
+
+
+async def create_bench_journey(client: httpx.AsyncClient) -> str:
+    """A journey that requests a message as soon as a checkout starts (no delay node)."""
+    return await create_active_journey(client, {
+        "name": "bench trigger", "description": "a message request as soon as a checkout starts (bench)",
+        "entry": {"type": "event", "event": "Checkout Started", "key": "checkout_id"},
+        "reentry": {"policy": "always"}, "start": "send",
+        "nodes": [{"id": "send", "type": "send", "channel": "email", "template": "abandoned_checkout",
+                   "data": {"checkout_id": "$entry.properties.checkout_id"}, "next": "end"},
+                  {"id": "end", "type": "exit"}],
+    })
 
 
 TIMER_DELAY_S = 5
@@ -239,20 +243,13 @@ TIMER_DELAY_S = 5
 async def create_bench_timer_journey(client: httpx.AsyncClient) -> str:
     """A journey that waits ``TIMER_DELAY_S`` after each checkout starts and then ends: a durable timer per
     checkout and nothing downstream, so the timers' own lateness is measured."""
-    resp = await client.post("/v1/journeys", json={
+    return await create_active_journey(client, {
         "name": "bench timers", "description": f"a {TIMER_DELAY_S}-second timer per checkout (bench)",
         "entry": {"type": "event", "event": "Checkout Started", "key": "checkout_id"},
         "reentry": {"policy": "always"}, "start": "wait",
         "nodes": [{"id": "wait", "type": "delay", "duration": f"PT{TIMER_DELAY_S}S", "next": "end"},
                   {"id": "end", "type": "exit"}],
     })
-    if resp.status_code >= 300:
-        raise RuntimeError(f"POST /v1/journeys → {resp.status_code} {resp.text[:300]}")
-    journey_id = str(resp.json().get("id") or resp.json().get("journey_id"))
-    act = await client.post(f"/v1/journeys/{journey_id}/activate")
-    if act.status_code >= 300:
-        raise RuntimeError(f"activate → {act.status_code} {act.text[:300]}")
-    return journey_id
 
 
 def timer_metrics(text: str) -> JSON:
