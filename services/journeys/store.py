@@ -230,8 +230,9 @@ class TimerStore:
 
     async def write(self, rows: Sequence[tuple[Any, tuple[Any, ...]]]) -> None:
         await execute_writes(self.s, rows)
-        if self.on_written is not None and rows:
-            self.on_written(min(params[2] for _, params in rows))
+        if self.on_written is not None:
+            for due in {params[2] for _, params in rows}:
+                self.on_written(due)
 
     async def due(self, shard: int, minute: int, upto: datetime) -> list[TimerRow]:
         rows = await execute(self.s, self._due, (shard, minute, upto))

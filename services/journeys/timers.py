@@ -3,14 +3,17 @@ and produces a wake-up for every due timer to that topic (keyed by profile, so t
 the customer's events). A timer row is deleted only after Kafka acknowledged its wake-up: at least once.
 
 Scans run every ``interval_s`` (for timers this worker did not write: another worker's before a rebalance)
-and, earlier, at the due time of every timer this worker writes itself (the store tells the poller), so a
-timer is fired on time without scanning Cassandra ten times a second.
+and, earlier, at the due time of every timer this worker writes itself (the store tells the poller, and the
+poller keeps those due times, rounded up to ``slot_s``, until they pass), so a timer is fired on time without
+scanning Cassandra ten times a second: timers due close together share one scan.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -27,16 +30,54 @@ log = logging.getLogger(__name__)
 INITIAL_LOOKBACK_MINUTES = 24 * 60
 # Partitions (shard, minute) one timer read may name.
 MAX_PARTITIONS_PER_READ = 100
+# Due times kept for wake-ups at most; past that, the periodic scan (every interval_s) fires the rest.
+MAX_DUE_SLOTS = 10_000
+
+
+class DueSlots:
+    """Upcoming scan times of the timers a worker wrote: due times rounded up to ``slot_s``, so timers due
+    within the same slot share one scan. At most ``limit`` are kept; the periodic scan fires the rest.
+
+    >>> slots = DueSlots(0.1)
+    >>> [slots.add(due) for due in (100.03, 100.07, 100.31)]
+    [100.1, 100.1, 100.4]
+    >>> slots.next_after(100.0), slots.next_after(100.1), slots.next_after(100.4)
+    (100.1, 100.4, inf)
+    """
+
+    __slots__ = ("_heap", "_members", "limit", "slot_s")
+
+    def __init__(self, slot_s: float, limit: int = MAX_DUE_SLOTS) -> None:
+        self.slot_s = slot_s
+        self.limit = limit
+        self._heap: list[float] = []
+        self._members: set[float] = set()
+
+    def add(self, due: float) -> float:
+        """Remember the slot of a timer due at ``due`` (epoch seconds); returns that slot."""
+        at = round(math.ceil(due / self.slot_s - 1e-4) * self.slot_s, 6)  # not a slot late for float noise
+        if at not in self._members and len(self._heap) < self.limit:
+            self._members.add(at)
+            heapq.heappush(self._heap, at)
+        return at
+
+    def next_after(self, now: float) -> float:
+        """The earliest slot after ``now`` (slots up to ``now`` are forgotten: a scan at ``now`` covers them);
+        ``inf`` when there is none."""
+        while self._heap and self._heap[0] <= now:
+            self._members.discard(heapq.heappop(self._heap))
+        return self._heap[0] if self._heap else math.inf
 
 
 class TimerPoller:
     def __init__(self, store: TimerStore, producer: AIOKafkaProducer, topic: str,
-                 owned_shards: Callable[[], set[int]], *, interval_s: float = 0.5) -> None:
+                 owned_shards: Callable[[], set[int]], *, interval_s: float = 0.5, slot_s: float = 0.1) -> None:
         self.store = store
         self.producer = producer
         self.topic = topic
         self.owned_shards = owned_shards
         self.interval_s = interval_s
+        self.slots = DueSlots(slot_s)
         self._cursors: dict[int, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -45,8 +86,8 @@ class TimerPoller:
         store.on_written = self.due_at
 
     def due_at(self, due: datetime) -> None:
-        """A timer due at ``due`` was written: scan no later than then."""
-        at = due.timestamp()
+        """A timer due at ``due`` was written: scan at its slot (``due`` rounded up to ``slot_s``)."""
+        at = self.slots.add(due.timestamp())
         if at < self._next_poll:
             self._next_poll = at
             self._woken.set()
@@ -65,9 +106,10 @@ class TimerPoller:
 
     async def _run(self) -> None:
         while not self._stopping:
-            self._next_poll = time.time() + self.interval_s
+            started = time.time()
+            self._next_poll = min(started + self.interval_s, self.slots.next_after(started))
             try:
-                await self.poll_once(datetime.now(UTC))
+                await self.poll_once(datetime.fromtimestamp(started, UTC))
             except asyncio.CancelledError:
                 raise
             except Exception:
