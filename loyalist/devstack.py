@@ -186,7 +186,11 @@ class Stack:
         conf = self.home / "kafka" / "server.properties"
         conf.write_text(props)
         if not (data / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = "-"
+            # Kafka's own Uuid.randomUuid() skips ids starting with "-": the CLI would read one as an option
+            # (about 1 in 64 random ids; it failed a CI run).
+            while cluster_id.startswith("-"):
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             proc = subprocess.run(
                 [self._java(), "-Xmx256m", f"-Dlog4j.configuration=file:{LOCAL / 'kafka' / 'log4j.properties'}",
                  "-cp", f"{self.jars('kafka')}/*", "kafka.tools.StorageTool", "format",
