@@ -159,7 +159,14 @@ class BatchConsumer:
     async def _run(self) -> None:
         delay = 0.2
         while True:
-            batches = await self.consumer.getmany(timeout_ms=self.poll_ms, max_records=self.max_records)
+            try:
+                batches = await self.consumer.getmany(timeout_ms=self.poll_ms, max_records=self.max_records)
+            except KafkaError as exc:
+                # A broker restart or a coordinator move: the consumer recovers by itself; this loop must live on
+                # (a dead loop leaves the process up and its partitions unconsumed).
+                log.warning("%s/%s: fetching failed (%s); retrying", self.service, self.stage, exc)
+                await asyncio.sleep(1.0)
+                continue
             if not batches:
                 continue
             records = [r for rs in batches.values() for r in rs]

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 
 from loyalist.kafka import make_consumer
 from loyalist.metrics import STREAM_DURATION, STREAM_PROCESSED
@@ -65,7 +66,13 @@ class RequestConsumer:
 
     async def _run(self) -> None:
         while True:
-            batches = await self.consumer.getmany(timeout_ms=500, max_records=self.config.batch_size)
+            try:
+                batches = await self.consumer.getmany(timeout_ms=500, max_records=self.config.batch_size)
+            except KafkaError as exc:
+                # A broker restart or a coordinator move: the consumer recovers by itself; this loop must live on.
+                log.warning("fetching message requests failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
             if not batches:
                 continue
             try:
@@ -79,7 +86,12 @@ class RequestConsumer:
                     self.consumer.seek(tp, records[0].offset)
                 await asyncio.sleep(1.0)
                 continue
-            await self.consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+            try:
+                await self.consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+            except KafkaError as exc:
+                # Not committed (the broker is restarting, or the partitions moved on): the requests are delivered
+                # again and find their recorded outcomes in the delivery log; a later commit covers them.
+                log.warning("offsets of message requests not committed (%s); they will be seen again", exc)
 
     async def _process(self, batches: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
         # One customer's requests in order (caps see the previous send); different customers concurrently.
