@@ -64,6 +64,9 @@ def private_stack(base: Settings | None = None) -> Iterator[tuple[Settings, Stac
         yield settings, stack
     finally:
         stack.down(components)
+        # The services' logs outlive the temporary home: .loyalist/chaos-logs/<namespace>/ of the base stack.
+        for logs in home.rglob("chaos-logs"):
+            shutil.copytree(logs, base.state_dir / "chaos-logs", dirs_exist_ok=True)
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -74,6 +77,7 @@ class Fault:
     recovery_s: float | None = None  # kill until ingest acknowledges again (the customer-visible outage)
     acked_during: int = 0
     note: str = ""
+    killed_at: str = ""  # wall clock (UTC) of the kill, to find it in the services' logs
 
 
 @dataclass
@@ -94,6 +98,7 @@ class Report:
     messages_unhandled: int | None = None
     faults: list[Fault] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    missing_samples: list[str] = field(default_factory=list)  # acknowledged, not in the event store
     resends: int = 0
     drained: bool = True  # every consumer group caught up before the checks
 
@@ -122,8 +127,10 @@ class Report:
         ]
         for f in self.faults:
             rec = f"{f.recovery_s:.1f}" if f.recovery_s is not None else "—"
-            lines.append(f"{f.target:<12}{f.downtime_s:>10.1f}{rec:>14}{f.acked_during:>24}  {f.note}")
+            lines.append(f"{f.target:<12}{f.downtime_s:>10.1f}{rec:>14}{f.acked_during:>24}  "
+                         f"killed {f.killed_at} {f.note}")
         lines.extend(f"note: {n}" for n in self.notes)
+        lines.extend(f"missing: {m}" for m in self.missing_samples)
         lines.append(f"\nLOST {self.lost}   DUPLICATED {self.duplicates}")
         return "\n".join(lines)
 
@@ -198,16 +205,17 @@ class SteadyLoad:
 
     async def _deliver(self, client: httpx.AsyncClient, events: list[JSON]) -> None:
         backoff = 0.2
-        first = True
+        attempts = 0
         while True:
-            if not first:
+            if attempts:
                 self.resends += 1
-            first = False
+            attempts += 1
             try:
                 resp = await client.post(f"{self.url}/v1/batch", json={"batch": events})
                 if resp.status_code == 200:
+                    acked_at = datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]
                     for e in events:
-                        self.acked[e["messageId"]] = e
+                        self.acked[e["messageId"]] = {**e, "_acked_at": acked_at, "_attempts": attempts}
                     self.last_ack = time.monotonic()
                     self.ack_times.append(self.last_ack)
                     return
@@ -275,7 +283,7 @@ class ChaosRun:
         self.journey_ready = False
 
     async def _fault(self, load: SteadyLoad, target: str) -> Fault:
-        fault = Fault(target)
+        fault = Fault(target, killed_at=datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3])
         acked_before = len(load.acked)
         killed = time.monotonic()
         if target in INFRA_FAULTS:
@@ -387,7 +395,11 @@ class ChaosRun:
                 counts = Counter(i for i in ids if i.startswith(load.prefix + "-"))
                 stored += len(counts)
                 dups += sum(c - 1 for c in counts.values() if c > 1)
-                lost += sum(1 for e in events if e["messageId"] not in counts)
+                missing = [e for e in events if e["messageId"] not in counts]
+                lost += len(missing)
+                r.missing_samples.extend(
+                    f"{uid} {e['messageId']} {e.get('event') or e.get('type')} acked {e.get('_acked_at')} "
+                    f"{'(resent)' if e.get('_attempts', 1) > 1 else ''}" for e in missing[:3])
             if stored >= 0:
                 r.stored, r.stored_duplicates, r.lost_from_store = stored, dups, lost
             for uid, events in sorted(per_user.items()):
