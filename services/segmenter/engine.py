@@ -50,11 +50,13 @@ from services.segmenter.domain.membership import (
 )
 from services.segmenter.domain.predictions import materially_changed
 from services.segmenter.domain.recommendations import CoPurchases, order_products
-from services.segmenter.domain.rfm import RfmScorer, rfm_values
+from services.segmenter.domain.rfm import RfmScorer, RfmValues, rfm_values
 from services.segmenter.domain.rules import EventRecord, Rule, RuleError, evaluate, parse_datetime, parse_rule
 from services.segmenter.store import SCHEDULE_SHARDS, Decided, SegmenterStore, StoredProfile, StoredSegment
 
 log = logging.getLogger(__name__)
+# A customer's RFM values moved in the sketches: (profile id, old, new).
+Rescored = tuple[str, RfmValues | None, RfmValues | None]
 T = TypeVar("T")
 _CHANGED_PROCESSED = metrics.INPUTS.labels("profile.changed", "processed")
 _CHANGED_REPLAYED = metrics.INPUTS.labels("profile.changed", "replay_skipped")
@@ -127,6 +129,7 @@ class SegmenterEngine:
         self.producer = producer
         self.thresholds = config.lifecycle()
         self.scorer = RfmScorer()
+        self._held: dict[str, RfmValues | None] = {}  # see _resync
         self.copurchases = CoPurchases()
         self.segments: list[SegmentDefinition] = []
         self.segment_rows: dict[str, StoredSegment] = {}
@@ -272,29 +275,37 @@ class SegmenterEngine:
             groups: list[Decided] = []
             outgoing: list[tuple[str, str, str, bytes]] = []  # profile id, transition id, change, payload
             after: list[Any] = []
+            rescored: list[Rescored] = []
             now = datetime.now(UTC)
-            for profile_id, messages in by_profile.items():
-                stored = stored_rows.get(profile_id)
-                if any(m.get("deleted") for m, _, _ in messages):
-                    # Rare (erasure, merges): the one-message path, in order, under the lock already held.
-                    for message, partition, offset in messages:
-                        churn_input = await self._profile_changed_locked(profile_id, message, partition, offset)
-                        if churn_input is not None:
-                            churn_inputs.append(churn_input)
-                    continue
-                decided = self._decide_messages(profile_id, messages, stored, stored_memberships[profile_id],
-                                                events.get(profile_id, []), now, churn_inputs)
-                if decided is None:
-                    continue
-                rows, sent, previous_next, next_at = decided
-                groups.append(rows)
-                outgoing.extend(sent)
-                if previous_next is not None and previous_next != next_at:
-                    # The superseded schedule entry: dropped afterwards (the scheduler ignores and drops one
-                    # that no longer matches the profile row, should this delete be lost).
-                    after.append(self.store.unschedule_row(profile_id, previous_next))
-            metrics.EVALUATIONS.inc(len(self.segments) * sum(len(m) for m in by_profile.values()))
-            await self.store.write_decided(groups)
+            try:
+                for profile_id, messages in by_profile.items():
+                    stored = stored_rows.get(profile_id)
+                    self._resync(profile_id, stored.document if stored is not None else {})
+                    if any(m.get("deleted") for m, _, _ in messages):
+                        # Rare (erasure, merges): the one-message path, in order, under the lock already held.
+                        for message, partition, offset in messages:
+                            churn_input = await self._profile_changed_locked(profile_id, message, partition, offset)
+                            if churn_input is not None:
+                                churn_inputs.append(churn_input)
+                        continue
+                    decided = self._decide_messages(profile_id, messages, stored, stored_memberships[profile_id],
+                                                    events.get(profile_id, []), now, churn_inputs, rescored)
+                    if decided is None:
+                        continue
+                    rows, sent, previous_next, next_at = decided
+                    groups.append(rows)
+                    outgoing.extend(sent)
+                    if previous_next is not None and previous_next != next_at:
+                        # The superseded schedule entry: dropped afterwards (the scheduler ignores and drops one
+                        # that no longer matches the profile row, should this delete be lost).
+                        after.append(self.store.unschedule_row(profile_id, previous_next))
+                metrics.EVALUATIONS.inc(len(self.segments) * sum(len(m) for m in by_profile.values()))
+                await self.store.write_decided(groups)
+            except BaseException:
+                # The batch is retried from the stored profiles, which still hold the old values: the sketches
+                # go back to them, or the retry would take each old value out a second time.
+                self._unscore(rescored)
+                raise
             if outgoing:
                 # Each customer's changes in order on its partition; all acknowledged before the outbox rows go.
                 futures = [await self.producer.send(self.membership_topic, raw, key=pid.encode())
@@ -361,6 +372,7 @@ class SegmenterEngine:
                          stored: StoredProfile | None, memberships: dict[str, tuple[bool, int]],
                          events: list[EventRecord], now: datetime,
                          churn_inputs: list[tuple[str, dict[str, Any], dict[str, Any]]],
+                         rescored: list[Rescored],
                          ) -> tuple[Decided, list[tuple[str, str, str, bytes]], datetime | None, datetime | None
                                     ] | None:
         """Decide one customer's messages in order (pure apart from the RFM sketches and metrics). Returns the
@@ -389,7 +401,7 @@ class SegmenterEngine:
             cause = message.get("cause") or {}
             label = cause.get("event") or cause.get("type") or ",".join(message.get("changed") or []) or "update"
             accepted_at = cause.get("receivedAt") if isinstance(cause.get("receivedAt"), str) else None
-            self.scorer.replace(rfm_values(document), rfm_values(new_document))
+            rescored.append(self._rescore(profile_id, document, new_document))
             facts = CustomerFacts(new_document, events, won_back_at, predictions)
             decision = decide(self.segments, facts, {sid: m for sid, (m, _) in state.items()},
                               f"profile.changed ({label})", now, scorer=self.scorer, thresholds=self.thresholds)
@@ -428,6 +440,7 @@ class SegmenterEngine:
                                       ) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
         """One message, the customer's lock held. Returns what the churn model should observe, if anything."""
         stored = await self.store.profile(profile_id)
+        self._resync(profile_id, stored.document if stored is not None else {})
         if (stored is not None and stored.source_partition == partition and stored.source_offset is not None
                 and offset <= stored.source_offset):
             metrics.INPUTS.labels("profile.changed", "replay_skipped").inc()
@@ -449,12 +462,16 @@ class SegmenterEngine:
         cause = message.get("cause") or {}
         label = cause.get("event") or cause.get("type") or ",".join(message.get("changed") or []) or "update"
         accepted_at = cause.get("receivedAt") if isinstance(cause.get("receivedAt"), str) else None
-        self.scorer.replace(rfm_values(old_document), rfm_values(document))
+        rescored = [self._rescore(profile_id, old_document, document)]
         predictions = stored.predictions if stored else {}
-        facts = CustomerFacts(document, await self._events(profile_id), won_back_at, predictions)
-        await self._decide_and_apply(profile_id, facts, f"profile.changed ({label})", accepted_at,
-                                     stored.next_evaluation_at if stored else None)
-        await self.store.put_profile(profile_id, document, partition, offset, won_back_at=won_back_at)
+        try:
+            facts = CustomerFacts(document, await self._events(profile_id), won_back_at, predictions)
+            await self._decide_and_apply(profile_id, facts, f"profile.changed ({label})", accepted_at,
+                                         stored.next_evaluation_at if stored else None)
+            await self.store.put_profile(profile_id, document, partition, offset, won_back_at=won_back_at)
+        except BaseException:
+            self._unscore(rescored)  # not stored: the retry starts from the old values again
+            raise
         metrics.INPUTS.labels("profile.changed", "processed").inc()
         return profile_id, document, old_document
 
@@ -573,12 +590,41 @@ class SegmenterEngine:
         names = {s.segment_id: s.name for s in self.segments}
         await self._apply(profile_id, exit_all(names, current, reason), await self.store.memberships(profile_id),
                           None)
-        if stored is not None:
-            self.scorer.replace(rfm_values(stored.document), None)
-            await self.store.reschedule(profile_id, stored.next_evaluation_at, None)
-        await self.store.delete_events(profile_id)
-        await self.store.delete_orders(profile_id)
-        await self.store.put_profile(profile_id, {}, partition, offset, deleted=True)
+        rescored = [self._rescore(profile_id, stored.document, {})] if stored is not None else []
+        try:
+            if stored is not None:
+                await self.store.reschedule(profile_id, stored.next_evaluation_at, None)
+            await self.store.delete_events(profile_id)
+            await self.store.delete_orders(profile_id)
+            await self.store.put_profile(profile_id, {}, partition, offset, deleted=True)
+        except BaseException:
+            self._unscore(rescored)
+            raise
+
+    # ---- RFM sketches: the population of the stored profiles ---------------------------------------
+    # The sketches count each customer's values as stored. A change is counted when it is decided, before it
+    # is written; when the write fails the change is undone and the customer noted in ``_held`` with the values
+    # the sketches hold, since the write may have landed in part: the retry first moves the customer to what
+    # the store holds then (its messages may all be replays by now).
+    def _resync(self, profile_id: str, stored_document: dict[str, Any]) -> None:
+        if profile_id in self._held:
+            self._rescore(profile_id, None, stored_document, held=self._held.pop(profile_id))
+
+    def _rescore(self, profile_id: str, old_document: dict[str, Any] | None, new_document: dict[str, Any], *,
+                 held: RfmValues | None = None) -> Rescored:
+        """Move a customer's RFM values in the sketches; returns the change, for :meth:`_unscore`."""
+        old = rfm_values(old_document) if old_document is not None else held
+        new = rfm_values(new_document)
+        if not self.scorer.replace(old, new):
+            metrics.RFM_DRIFT.inc()
+            log.warning("RFM sketches did not hold the previous values of a profile; they are rebuilt at restart")
+        return profile_id, old, new
+
+    def _unscore(self, rescored: Sequence[Rescored]) -> None:
+        """Undo changes of :meth:`_rescore` that may not have been stored (newest first)."""
+        for profile_id, old, new in reversed(rescored):
+            self.scorer.replace(new, old)
+            self._held[profile_id] = old
 
     # ---- deciding and applying -------------------------------------------------------------------
     async def _decide_and_apply(self, profile_id: str, facts: CustomerFacts, trigger: str, accepted_at: str | None,

@@ -14,6 +14,9 @@ MEMBERSHIP_CHANGES = Counter("loyalist_segmenter_membership_changes_total", "seg
                              ["change"])
 SCHEDULER_LAG = Histogram("loyalist_segmenter_scheduler_lag_seconds",
                           "Delay between a due time-triggered evaluation and its execution", buckets=LATENCY_BUCKETS)
+RFM_DRIFT = Counter("loyalist_segmenter_rfm_sketch_drift_total",
+                    "Profile updates whose previous RFM values were not in the population sketches (one stale value "
+                    "stays counted until the next restart rebuilds them)")
 SEGMENTS = Gauge("loyalist_segmenter_segments", "Live rule segments")
 SEGMENT_MEMBERS = Gauge("loyalist_segmenter_segment_members",
                         "Customers in a rule segment (kept with every change, recounted from the store regularly)",

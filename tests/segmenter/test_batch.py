@@ -91,3 +91,42 @@ async def test_a_batch_decides_each_message_in_order_and_a_replay_decides_nothin
     assert len(await transitions_for(stack_settings, other, segment_id)) == 1
     assert len(await transitions_for(stack_settings, gone, segment_id)) == 2
     assert (await engine.store.memberships(pid))[segment_id] == (True, 3)
+
+
+async def test_a_batch_whose_writes_fail_is_retried_without_moving_the_rfm_sketches_twice(
+        engine: SegmenterEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cassandra went away while a batch was written: the retry (same messages, same stored profiles) must find
+    the RFM sketches as they were, not with the batch's changes applied once already (which made the retry take
+    an old value out twice: the segmenter stopped on that batch for good in a chaos run)."""
+    from cassandra.cluster import NoHostAvailable
+
+    from services.segmenter import metrics
+
+    pid = f"batch-{uuid.uuid4().hex[:10]}"
+    now = datetime.now(UTC)
+    await engine.on_profile_changed_batch([
+        (profile_changed(profile_document(pid, orders=1, revenue=10, last_order_at=now)), 3, 40)])
+    assert engine.scorer.n == 1 and dict(engine.scorer.frequency.buckets) == {1: 1}  # order counts, width 1
+
+    write_decided = engine.store.write_decided
+    failures = {"left": 1}
+
+    async def unavailable_once(decided: Any) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            await write_decided(decided[:1])  # some rows may land before the node goes away
+            raise NoHostAvailable("Unable to complete the operation against any hosts", {})
+        await write_decided(decided)
+
+    monkeypatch.setattr(engine.store, "write_decided", unavailable_once)
+    drift_before = metrics.RFM_DRIFT._value.get()
+    update = [(profile_changed(profile_document(pid, orders=2, revenue=25, last_order_at=now)), 3, 41)]
+    with pytest.raises(NoHostAvailable):
+        await engine.on_profile_changed_batch(update)
+    assert engine.scorer.n == 1 and dict(engine.scorer.frequency.buckets) == {1: 1}
+
+    await engine.on_profile_changed_batch(update)  # the consumer's retry of the same batch
+    assert engine.scorer.n == 1 and dict(engine.scorer.frequency.buckets) == {2: 1}
+    assert metrics.RFM_DRIFT._value.get() == drift_before
+    profile = await engine.store.profile(pid)
+    assert profile is not None and profile.document["orders_count"] == 2 and profile.source_offset == 41

@@ -116,18 +116,36 @@ class RfmScorer:
         self.frequency.update(values.orders)
         self.monetary.update(values.revenue)
 
-    def remove(self, values: RfmValues) -> None:
+    def remove(self, values: RfmValues) -> bool:
+        """Take a customer's values out; False (and nothing changed) when they are not all in the sketches."""
+        if (values.last_order_day not in self.recency or values.orders not in self.frequency
+                or values.revenue not in self.monetary):
+            return False
         self.recency.revert(values.last_order_day)
         self.frequency.revert(values.orders)
         self.monetary.revert(values.revenue)
+        return True
 
-    def replace(self, old: RfmValues | None, new: RfmValues | None) -> None:
+    def replace(self, old: RfmValues | None, new: RfmValues | None) -> bool:
+        """A customer's values changed from ``old`` to ``new`` (None: no orders). Returns False when ``old``
+        was not in the sketches — they drifted from the stored profiles, e.g. after a change that was applied
+        here but never stored: ``new`` is still added, so one stale value may stay counted (until a restart
+        rebuilds the sketches) instead of the update failing for ever.
+
+        >>> scorer = RfmScorer()
+        >>> scorer.replace(None, RfmValues(100, 1, 20.0)), scorer.n
+        (True, 1)
+        >>> scorer.replace(RfmValues(100, 1, 20.0), RfmValues(120, 2, 45.0)), scorer.n
+        (True, 1)
+        >>> scorer.replace(RfmValues(100, 1, 20.0), RfmValues(130, 3, 70.0)), scorer.n
+        (False, 2)
+        """
         if old == new:
-            return
-        if old is not None:
-            self.remove(old)
+            return True
+        removed = old is None or self.remove(old)
         if new is not None:
             self.add(new)
+        return removed
 
     def boundaries(self) -> dict[str, list[float | None]]:
         return {

@@ -39,6 +39,10 @@ class _BucketSketch:
         self.buckets[self._index(x)] += 1
         self.n += 1
 
+    def __contains__(self, x: float) -> bool:
+        """Whether a value of ``x``'s bucket was added (and not reverted since): whether ``revert(x)`` can run."""
+        return self.buckets.get(self._index(x), 0) > 0
+
     def revert(self, x: float) -> None:
         """Remove one earlier ``update(x)`` (a customer's value changed or the customer left)."""
         index = self._index(x)
