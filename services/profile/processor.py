@@ -273,8 +273,8 @@ class Loaded:
     document: dict[str, Any] | None
     merged_into: str | None
     segments: dict[str, tuple[bool, int]] = field(default_factory=dict)  # id -> (member, changed ms)
-    # Dedup keys folded lately (in memory only): a resent message whose clock-skew-corrected timestamp moved
-    # past the last folded event is still recognised while the profile is cached.
+    # Dedup keys folded lately (seeded from the latest stored events when loaded): a resent message whose
+    # timestamp moved past the last folded event (derived from receivedAt) is still sent to the dedup index.
     recent: dict[str, None] = field(default_factory=dict)
 
     def remember(self, keys: Sequence[str]) -> None:
@@ -323,7 +323,15 @@ class Folder:
             return
         snapshots = await self.store.load_many(missing)
         live = [p for p in missing if snapshots[p].state is not None and snapshots[p].merged_into is None]
-        segment_rows = await self.store.segment_rows_many(live) if live else {}
+        segment_rows: dict[str, list[dict[str, Any]]] = {}
+        latest: dict[str, list[str]] = {}
+        if live:
+            # The dedup keys of the latest stored events stand in for what the profile's previous owner (or this
+            # worker, before a restart or a rebalance) remembered: a resend of one of them whose timestamp was
+            # derived from its own receivedAt (no client timestamp, or clock-skew correction) can sort after the
+            # last folded event, and only `recent` sends it to the dedup index.
+            segment_rows, latest = await asyncio.gather(self.store.segment_rows_many(live),
+                                                        self.store.latest_event_keys_many(live, RECENT_KEYS))
         for pid in missing:
             snap = snapshots[pid]
             if snap.merged_into is not None:
@@ -332,6 +340,7 @@ class Folder:
             segments = {r["segment_id"]: (bool(r["member"]), int(r["changed_at"].timestamp() * 1000))
                         for r in segment_rows.get(pid, ())}
             loaded = Loaded(snap.state, snap.document, None, segments)
+            loaded.remember(latest.get(pid, ()))
             if loaded.document is not None and loaded.document.get("segments") != loaded.segment_ids():
                 # Membership changes are not written to the snapshot (their own rows are): the document is
                 # brought up to date here, as it was in Redis.

@@ -90,6 +90,8 @@ class ProfileStore:
         self._delete_legacy_index = p("DELETE FROM profile_event_index WHERE event_key = ?")
         self._legacy_index: bool | None = None  # unknown until first needed
         self._events_all = p("SELECT ts, event_key, body FROM profile_events WHERE profile_id = ?")
+        self._latest_event_keys = p(
+            "SELECT event_key FROM profile_events WHERE profile_id = ? ORDER BY ts DESC LIMIT ?")
         self._events_after = p(
             "SELECT ts, event_key, body FROM profile_events WHERE profile_id = ? AND (ts, event_key) > (?, ?)")
         self._events_until = p("SELECT ts, event_key, body FROM profile_events WHERE profile_id = ? AND ts <= ?")
@@ -210,6 +212,14 @@ class ProfileStore:
         else:
             rows = await self._run("events_all", self._events_all, (profile_id,))
         return self._decode_rows(profile_id, rows)
+
+    async def latest_event_keys_many(self, profile_ids: Sequence[str], limit: int) -> dict[str, list[str]]:
+        """The keys of each profile's ``limit`` latest stored events, oldest first (one small read per profile:
+        Cassandra refuses ORDER BY with IN on the partition key)."""
+        results = await gather_limited(self._run("latest_keys", self._latest_event_keys, (pid, limit))
+                                       for pid in profile_ids)
+        return {pid: [r["event_key"] for r in reversed(rows)]
+                for pid, rows in zip(profile_ids, results, strict=True)}
 
     async def events_before(self, profile_id: str, end: tuple[int, str], limit: int) -> list[StoredEvent]:
         """Newest first, strictly before ``end`` = (timestamp ms, event key)."""

@@ -12,6 +12,7 @@ service keeps the lighter agents (loyalty) and the tombstone refresh.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +35,8 @@ MEMBERSHIP_BATCH = 1000
 # The resolver pauses while the folder of the same worker has more than this many records to go.
 FOLD_BACKLOG_MAX = 3 * FOLD_BATCH
 
+log = logging.getLogger(__name__)
+
 
 class Runtime:
     """The pipeline objects, built in the service lifespan once the adapters are open."""
@@ -51,7 +54,12 @@ def build_stream_app(settings: Settings, runtime: Runtime) -> faust.App:
 
     @app.timer(2.0)
     async def refresh_tombstones() -> None:
-        await runtime.tombstones.refresh()
+        # An exception escaping a faust timer crashes the whole faust app (its agents stop for good), so an
+        # unreachable Cassandra only skips this refresh: the last known tombstones stay until the next one.
+        try:
+            await runtime.tombstones.refresh()
+        except Exception as exc:
+            log.warning("refreshing the erasure tombstones failed (%s); keeping the last ones", exc)
 
     return app
 
