@@ -159,7 +159,8 @@ def create_service_app(
     version: str = __version__,
 ) -> FastAPI:
     """A FastAPI app with Loyalist's error shape and ops endpoints. Register readiness checks with
-    ``app.state.ready_checks[name] = async_callable``."""
+    ``app.state.ready_checks[name] = async_callable`` and liveness checks (cheap, no I/O: a failing one gets the
+    process restarted) with ``app.state.live_checks[name] = callable``."""
     app = FastAPI(
         title=title,
         description=description,
@@ -167,6 +168,7 @@ def create_service_app(
         lifespan=lifespan,
     )
     app.state.ready_checks = {}
+    app.state.live_checks = {}
     app.state.service = service
     SERVICE_UP.labels(service, version).set(1)
     app.add_middleware(MetricsMiddleware, service=service)
@@ -200,9 +202,13 @@ def create_service_app(
         log.exception("unhandled error")
         return JSONResponse(INTERNAL_ERROR_BODY, status_code=500)
 
-    @app.get("/healthz", tags=["ops"], summary="Liveness: the process is serving")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok", "service": service}
+    @app.get("/healthz", tags=["ops"], summary="Liveness: the process is serving",
+             responses={503: {"description": "A part of the process stopped for good: restart it"}})
+    async def healthz() -> JSONResponse:
+        dead = sorted(name for name, alive in app.state.live_checks.items() if not alive())
+        if dead:
+            return JSONResponse({"status": "dead", "service": service, "dead": dead}, status_code=503)
+        return JSONResponse({"status": "ok", "service": service})
 
     @app.get("/readyz", tags=["ops"], summary="Readiness: every dependency answers",
              responses={503: {"description": "A dependency is not ready"}})

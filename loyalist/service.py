@@ -144,6 +144,10 @@ class Resources:
             await self._on_start(self, app)
         if self.stream_app is not None:
             await self.stream_app.start()
+            stream_app = self.stream_app
+            # A crashed faust app has stopped its agents for good while the process lives on: the liveness
+            # check fails, so the orchestrator restarts the process instead of leaving its partitions unconsumed.
+            app.state.live_checks["stream_app"] = lambda: not stream_app.crashed
         app.state.resources = self
         app.state.started = True
         settle_heap()

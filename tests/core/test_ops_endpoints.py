@@ -1,0 +1,42 @@
+"""/healthz and /readyz of every service app: a failing check answers 503 with what failed, by name."""
+
+from __future__ import annotations
+
+import httpx
+
+from loyalist.http import create_service_app
+
+
+async def test_healthz_fails_when_a_part_of_the_process_died() -> None:
+    app = create_service_app("opstest", title="t", description="t")
+    alive = {"stream_app": True}
+    app.state.live_checks["stream_app"] = lambda: alive["stream_app"]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        ok = await client.get("/healthz")
+        assert ok.status_code == 200 and ok.json() == {"status": "ok", "service": "opstest"}
+        alive["stream_app"] = False  # e.g. the faust app crashed: its agents will never run again
+        dead = await client.get("/healthz")
+        assert dead.status_code == 503
+        assert dead.json() == {"status": "dead", "service": "opstest", "dead": ["stream_app"]}
+
+
+async def test_readyz_names_the_dependency_that_does_not_answer() -> None:
+    app = create_service_app("opstest", title="t", description="t")
+
+    async def answers() -> bool:
+        return True
+
+    async def refuses() -> bool:
+        raise ConnectionRefusedError("cassandra is down")
+
+    app.state.ready_checks.update({"redis": answers, "cassandra": refuses})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        not_started = await client.get("/readyz")
+        assert not_started.status_code == 503  # the lifespan has not finished starting
+        app.state.started = True
+        down = await client.get("/readyz")
+        assert down.status_code == 503
+        assert down.json()["checks"] == {"redis": True, "cassandra": False}
+        app.state.ready_checks["cassandra"] = answers
+        up = await client.get("/readyz")
+        assert up.status_code == 200 and up.json()["status"] == "ready"
