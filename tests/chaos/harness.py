@@ -99,6 +99,7 @@ class Report:
     faults: list[Fault] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     missing_samples: list[str] = field(default_factory=list)  # acknowledged, not in the event store
+    duplicate_samples: list[str] = field(default_factory=list)  # stored more than once
     resends: int = 0
     drained: bool = True  # every consumer group caught up before the checks
 
@@ -131,6 +132,7 @@ class Report:
                          f"killed {f.killed_at} {f.note}")
         lines.extend(f"note: {n}" for n in self.notes)
         lines.extend(f"missing: {m}" for m in self.missing_samples)
+        lines.extend(f"stored twice: {m}" for m in self.duplicate_samples)
         lines.append(f"\nLOST {self.lost}   DUPLICATED {self.duplicates}")
         return "\n".join(lines)
 
@@ -395,6 +397,11 @@ class ChaosRun:
                 counts = Counter(i for i in ids if i.startswith(load.prefix + "-"))
                 stored += len(counts)
                 dups += sum(c - 1 for c in counts.values() if c > 1)
+                twice = [m for m, c in counts.items() if c > 1]
+                r.duplicate_samples.extend(
+                    f"{uid} {m} {load.acked[m].get('event') or load.acked[m].get('type')} acked "
+                    f"{load.acked[m].get('_acked_at')} after {load.acked[m].get('_attempts')} attempt(s)"
+                    for m in twice[:3] if m in load.acked)
                 missing = [e for e in events if e["messageId"] not in counts]
                 lost += len(missing)
                 r.missing_samples.extend(
