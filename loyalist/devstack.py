@@ -219,8 +219,11 @@ class Stack:
         data = self.home / "cassandra"
         for sub in ("data", "commitlog", "hints", "saved_caches", "cdc_raw", "logs"):
             (data / sub).mkdir(parents=True, exist_ok=True)
+        commitlog_sync = ("commitlog_sync: batch" if self.s.cassandra_commitlog_sync == "batch"
+                          else "commitlog_sync: periodic\ncommitlog_sync_period: 10000ms")
         yaml = (LOCAL / "cassandra" / "cassandra.yaml.tmpl").read_text().format(
-            storage_port=self.s.cassandra_storage_port, native_port=self.s.cassandra_port, data_dir=data
+            storage_port=self.s.cassandra_storage_port, native_port=self.s.cassandra_port, data_dir=data,
+            commitlog_sync=commitlog_sync,
         )
         (data / "cassandra.yaml").write_text(yaml)
 

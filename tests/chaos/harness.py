@@ -56,6 +56,9 @@ def private_stack(base: Settings | None = None) -> Iterator[tuple[Settings, Stac
         "kafka_port": free_port(), "kafka_controller_port": free_port(),
         "cassandra_port": free_port(), "cassandra_storage_port": free_port(), "cassandra_jmx_port": free_port(),
         "redis_port": free_port(), "smtp_port": free_port(), "smtp_sink_http_port": free_port(),
+        # The single node stands in for the replicas of a production cluster (RF 3): it must not forget what it
+        # acknowledged when killed, which only a synced commit log gives one node.
+        "cassandra_commitlog_sync": "batch",
     })
     stack = Stack(settings, quiet=True)
     components = [*INFRA_FAULTS, "smtp"]

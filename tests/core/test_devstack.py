@@ -55,3 +55,15 @@ def test_a_server_that_dies_at_start_names_itself_and_its_log(tmp_path: Path) ->
     message = str(failure.value)
     assert "redis exited during start" in message
     assert str(stack.log_file("redis")) in message
+
+
+@pytest.mark.parametrize("mode", ["periodic", "batch"])
+def test_the_local_cassandra_gets_the_commit_log_sync_asked_for(tmp_path: Path, mode: str) -> None:
+    import yaml
+
+    stack = Stack(Settings(home=tmp_path / "stack", cassandra_commitlog_sync=mode), quiet=True)
+    stack._cassandra_prepare()
+    config = yaml.safe_load((tmp_path / "stack" / "cassandra" / "cassandra.yaml").read_text())
+    assert config["commitlog_sync"] == mode
+    # Cassandra refuses a batch commit log with a sync period, and a periodic one without it.
+    assert ("commitlog_sync_period" in config) == (mode == "periodic")
