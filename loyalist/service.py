@@ -16,7 +16,9 @@ and its ``__main__.py`` is ``run_service("profile", create_app)``.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -110,6 +112,7 @@ class Resources:
         return self._producer
 
     async def open(self, app: FastAPI) -> None:
+        install_task_dump()
         checks = app.state.ready_checks
         if self._want_cassandra:
             self.cluster = make_cluster(self.settings)
@@ -199,3 +202,23 @@ def run_service(service: str, create_app: Callable[[Settings], FastAPI], *,
         http="httptools",
         timeout_graceful_shutdown=10,
     )
+
+
+def dump_tasks() -> str:
+    """Where every asyncio task of the running loop is waiting: the answer to "what is this worker stuck on?"."""
+    out = io.StringIO()
+    tasks = sorted(asyncio.all_tasks(), key=lambda t: t.get_name())
+    out.write(f"{len(tasks)} asyncio tasks\n")
+    for task in tasks:
+        task.print_stack(limit=12, file=out)
+    return out.getvalue()
+
+
+def install_task_dump() -> None:
+    """``kill -USR1 <pid>`` logs where every task of the service waits (a worker that stopped consuming)."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("task dump on SIGUSR1:\n%s", dump_tasks()))
+    except (NotImplementedError, RuntimeError, ValueError):
+        pass  # no signals here (another thread's loop, Windows): nothing to install
+

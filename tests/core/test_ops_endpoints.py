@@ -40,3 +40,21 @@ async def test_readyz_names_the_dependency_that_does_not_answer() -> None:
         app.state.ready_checks["cassandra"] = answers
         up = await client.get("/readyz")
         assert up.status_code == 200 and up.json()["status"] == "ready"
+
+
+async def test_the_task_dump_shows_where_each_task_waits() -> None:
+    import asyncio
+
+    from loyalist.service import dump_tasks
+
+    release = asyncio.Event()
+
+    async def waiting_for_the_broker() -> None:
+        await release.wait()
+
+    task = asyncio.create_task(waiting_for_the_broker(), name="fold-consumer")
+    await asyncio.sleep(0)
+    dump = dump_tasks()
+    release.set()
+    await task
+    assert "asyncio tasks" in dump and "waiting_for_the_broker" in dump and "release.wait()" in dump
