@@ -27,6 +27,9 @@ from loyalist.metrics import STREAM_BATCH_DURATION, STREAM_BATCH_SIZE, STREAM_FA
 from loyalist.settings import Settings
 
 log = logging.getLogger(__name__)
+# A consume loop stuck in one await for this long is considered dead (BatchConsumer.stalled): more than the
+# rebalance timeout (60 s) plus a slow batch.
+STALL_S = 180.0
 
 Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
 Handler = Callable[[Sequence[Record]], Awaitable[None]]
@@ -80,6 +83,8 @@ class BatchConsumer:
         self._commit_task: asyncio.Task[None] | None = None
         self.batches = 0
         self.records = 0
+        # When the consume loop last came round (a batch handled or failed, or an empty poll): see stalled().
+        self.last_turn = time.monotonic()
         self._sizes = STREAM_BATCH_SIZE.labels(service, stage)
         self._durations = STREAM_BATCH_DURATION.labels(service, stage)
         self._failures = STREAM_FAILURES.labels(service, stage)
@@ -100,6 +105,13 @@ class BatchConsumer:
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    def stalled(self, after_s: float = STALL_S) -> bool:
+        """The consume loop has been stuck in one await for ``after_s``: longer than a rebalance may take, a
+        poll, or a batch retried against an unreachable store (those come round every few seconds). One chaos
+        run of four had a fold consumer stop for good after a Kafka restart; a liveness check on this gets the
+        process restarted, and its records are redone from the committed offsets."""
+        return self.running and time.monotonic() - self.last_turn > after_s
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -159,6 +171,7 @@ class BatchConsumer:
     async def _run(self) -> None:
         delay = 0.2
         while True:
+            self.last_turn = time.monotonic()
             try:
                 batches = await self.consumer.getmany(timeout_ms=self.poll_ms, max_records=self.max_records)
             except KafkaError as exc:

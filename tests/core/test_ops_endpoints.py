@@ -58,3 +58,27 @@ async def test_the_task_dump_shows_where_each_task_waits() -> None:
     release.set()
     await task
     assert "asyncio tasks" in dump and "waiting_for_the_broker" in dump and "release.wait()" in dump
+
+
+async def test_a_consume_loop_stuck_in_one_await_is_reported_stalled() -> None:
+    """Pure bookkeeping of BatchConsumer.stalled(): the loop task alive, its last turn long ago."""
+    import asyncio
+    import time
+
+    from loyalist.consumer import BatchConsumer
+    from loyalist.settings import Settings
+
+    async def handler(_: object) -> None:
+        return None
+
+    consumer = BatchConsumer(Settings(), "t", group_id="g", handler=handler, service="test", stage="fold")
+    assert not consumer.stalled()  # not started
+    never = asyncio.Event()
+    consumer._task = asyncio.create_task(never.wait())  # a loop stuck in one await
+    consumer.last_turn = time.monotonic()
+    assert not consumer.stalled(after_s=60)
+    consumer.last_turn = time.monotonic() - 61
+    assert consumer.stalled(after_s=60)
+    consumer._task.cancel()
+    await asyncio.gather(consumer._task, return_exceptions=True)
+    assert not consumer.stalled(after_s=60)  # a dead loop is reported by `running`, not here
