@@ -331,13 +331,36 @@ class ChaosRun:
             load.stop()
             await asyncio.wait_for(runner, 120)
         self.report.resends = load.resends
-        behind = await wait_drained(self.fleet.settings, self.settle_s)
+        liveness = asyncio.create_task(self.watch_liveness())
+        try:
+            behind = await wait_drained(self.fleet.settings, self.settle_s)
+        finally:
+            liveness.cancel()
+            await asyncio.gather(liveness, return_exceptions=True)
         if behind:
             self.report.drained = False
             self.report.notes.append(f"consumer groups still behind {self.settle_s:.0f}s after the load stopped: "
                                      + ", ".join(f"{g} by {n}" for g, n in sorted(behind.items())))
         await self.verify(load)
         return self.report
+
+    async def watch_liveness(self) -> None:
+        """While the groups drain, ask every service's /healthz now and then, as an orchestrator's liveness
+        probe would: a 503 (a consume loop stuck or ended) is noted in the report, and the service logs once
+        where its tasks wait."""
+        seen: set[str] = set()
+        async with httpx.AsyncClient(timeout=5) as client:
+            while True:
+                for name in sorted(self.fleet.services):
+                    url = self.fleet.url(name)
+                    if url is None or name in seen:
+                        continue
+                    with contextlib.suppress(httpx.HTTPError):
+                        resp = await client.get(f"{url}/healthz")
+                        if resp.status_code == 503:
+                            seen.add(name)
+                            self.report.notes.append(f"{name} /healthz 503 while draining: {resp.text[:200]}")
+                await asyncio.sleep(10)
 
     async def create_journey(self) -> None:
         """An abandoned-checkout journey with a short first reminder and no second one: every acknowledged
