@@ -19,9 +19,10 @@ import asyncio
 import io
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 import uvicorn
@@ -37,6 +38,9 @@ from loyalist.kafka import make_producer
 from loyalist.logging import configure_logging
 from loyalist.redis import make_redis, redis_ready
 from loyalist.settings import Settings
+
+if TYPE_CHECKING:
+    from loyalist.consumer import BatchConsumer
 
 log = logging.getLogger(__name__)
 
@@ -221,4 +225,23 @@ def install_task_dump() -> None:
         loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("task dump on SIGUSR1:\n%s", dump_tasks()))
     except (NotImplementedError, RuntimeError, ValueError):
         pass  # no signals here (another thread's loop, Windows): nothing to install
+
+
+def watch_consumers(app: FastAPI, service: str, consumers: Callable[[], Sequence[BatchConsumer]]) -> None:
+    """Liveness of a service's consume loops: ``/healthz`` fails when one has ended or has been stuck in one
+    await for minutes (:meth:`BatchConsumer.stalled`): neither comes back by itself, a restart redoes its records
+    from the committed offsets. The first time, the service logs where every task waits, to find out why."""
+    reported: set[str] = set()
+
+    def consumers_alive() -> bool:
+        current = consumers()
+        stuck = [c for c in current if c.stalled()]
+        for c in stuck:
+            if c.stage not in reported:
+                reported.add(c.stage)
+                log.error("%s/%s: the consume loop has not come round for %.0f s; tasks:\n%s",
+                          service, c.stage, time.monotonic() - c.last_turn, dump_tasks())
+        return not stuck and all(c.running for c in current)
+
+    app.state.live_checks["consumers"] = consumers_alive
 

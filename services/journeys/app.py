@@ -10,7 +10,7 @@ import logging
 from fastapi import FastAPI
 
 from loyalist.http import create_service_app
-from loyalist.service import Resources
+from loyalist.service import Resources, watch_consumers
 from loyalist.settings import Settings
 from loyalist.topics import JOURNEY_TIMERS
 from services.journeys.api import backtest_router, journeys_router
@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                              lambda: consumer.owned(timers_topic))
         poller.start()
         await consumer.start()
+        watch_consumers(app, "journeys", lambda: [consumer])
         app.state.journey_store = journey_store
         app.state.instance_store = instance_store
         app.state.registry = registry

@@ -7,14 +7,12 @@ add their agents and routes before the routers of this module are included.
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 
 from fastapi import FastAPI
 
 from loyalist.http import create_service_app
 from loyalist.kafka import ensure_topics, produce_many
-from loyalist.service import Resources, dump_tasks
+from loyalist.service import Resources, watch_consumers
 from loyalist.settings import Settings
 from loyalist.topics import PROFILE_FOLD
 from services.profile.api import profiles_router
@@ -22,8 +20,6 @@ from services.profile.loyalty import install as install_loyalty
 from services.profile.processor import Emitter, Folder, Resolver, Tombstones
 from services.profile.store import HotProfiles, ProfileStore
 from services.profile.streams import Runtime, build_consumers, build_stream_app
-
-log = logging.getLogger(__name__)
 
 DESCRIPTION = """Live customer profiles: identity resolution, the 360-degree profile, the event store.
 
@@ -77,20 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return all(c.running for c in runtime.consumers)
 
         app.state.ready_checks["consumers"] = consumers_check
-        reported: set[str] = set()
-
-        def consumers_alive() -> bool:
-            # A consumer stuck for minutes will not come back by itself: restart the process (liveness), and
-            # say once where every task waits, to find out why.
-            stuck = [c for c in runtime.consumers if c.stalled()]
-            for c in stuck:
-                if c.stage not in reported:
-                    reported.add(c.stage)
-                    log.error("profile/%s: the consume loop has not come round for %.0f s; tasks:\n%s",
-                              c.stage, time.monotonic() - c.last_turn, dump_tasks())
-            return not stuck and all(c.running for c in runtime.consumers)  # an ended loop is dead too
-
-        app.state.live_checks["consumers"] = consumers_alive
+        watch_consumers(app, "profile", lambda: runtime.consumers)
 
     async def on_stop(resources: Resources, app: FastAPI) -> None:
         for consumer in getattr(runtime, "consumers", []):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from loyalist.http import create_service_app
-from loyalist.service import Resources
+from loyalist.service import Resources, watch_consumers
 from loyalist.settings import Settings
 from services.segmenter.api import models_router, segments_router
 from services.segmenter.config import SegmenterConfig
@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None, config: SegmenterConfig | None 
         app.state.engine = engine
         app.state.models = models
         await consumer.start()
+        watch_consumers(app, "segmenter", lambda: [consumer])
 
     async def on_stop(resources: Resources, app: FastAPI) -> None:
         models: ModelRuntime | None = getattr(app.state, "models", None)

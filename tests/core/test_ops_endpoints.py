@@ -82,3 +82,31 @@ async def test_a_consume_loop_stuck_in_one_await_is_reported_stalled() -> None:
     consumer._task.cancel()
     await asyncio.gather(consumer._task, return_exceptions=True)
     assert not consumer.stalled(after_s=60)  # a dead loop is reported by `running`, not here
+
+
+async def test_healthz_fails_while_a_consume_loop_is_stuck_or_ended() -> None:
+    import asyncio
+    import time
+
+    from loyalist.consumer import STALL_S, BatchConsumer
+    from loyalist.service import watch_consumers
+    from loyalist.settings import Settings
+
+    async def handler(_: object) -> None:
+        return None
+
+    app = create_service_app("opstest", title="t", description="t")
+    consumer = BatchConsumer(Settings(), "t", group_id="g", handler=handler, service="opstest", stage="fold")
+    never = asyncio.Event()
+    consumer._task = asyncio.create_task(never.wait())
+    watch_consumers(app, "opstest", lambda: [consumer])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        assert (await client.get("/healthz")).status_code == 200
+        consumer.last_turn = time.monotonic() - STALL_S - 1  # stuck in one await
+        stuck = await client.get("/healthz")
+        assert stuck.status_code == 503 and stuck.json()["dead"] == ["consumers"]
+        consumer.last_turn = time.monotonic()
+        assert (await client.get("/healthz")).status_code == 200
+        consumer._task.cancel()  # the loop ended
+        await asyncio.gather(consumer._task, return_exceptions=True)
+        assert (await client.get("/healthz")).status_code == 503
