@@ -109,8 +109,8 @@ class BatchConsumer:
     def stalled(self, after_s: float = STALL_S) -> bool:
         """The consume loop has been stuck in one await for ``after_s``: longer than a rebalance may take, a
         poll, or a batch retried against an unreachable store (those come round every few seconds). One chaos
-        run of four had a fold consumer stop for good after a Kafka restart; a liveness check on this gets the
-        process restarted, and its records are redone from the committed offsets."""
+        run had a fold consumer stop for good after a Kafka restart (cause not found yet): a liveness check on
+        this gets the process restarted, and its records are redone from the committed offsets."""
         return self.running and time.monotonic() - self.last_turn > after_s
 
     async def stop(self) -> None:
