@@ -51,9 +51,14 @@ def make_stream_app(settings: Settings, service: str, **overrides: Any) -> faust
     """The faust app of a service's stream agents, embedded in the service process (started in the
     lifespan). Offsets are committed by faust only after an agent finished with an event, so every
     effect must be idempotent; producers wait for all in-sync replicas."""
+    # faust's default data dir is ``<app id>-data`` in the working directory; keep it under the home (faust
+    # creates only the last directory level itself).
+    datadir = settings.state_dir / "faust" / f"{settings.namespace}-{service}"
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {
         "broker": f"kafka://{settings.kafka_bootstrap}",
         "web_enabled": False,
+        "datadir": str(datadir),
         "store": "memory://",
         "topic_partitions": settings.kafka_partitions,
         "topic_replication_factor": 1,
