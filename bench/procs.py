@@ -29,6 +29,7 @@ from loyalist.settings import SERVICE_NAMES, Settings
 
 # Order that respects the data flow: a consumer of a topic starts after its producer is importable.
 SERVICE_ORDER = ("ingest", "profile", "segmenter", "journeys", "notify")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -62,6 +63,56 @@ def rss_bytes(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used so far, from /proc (None when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat (iowait counts as idle)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    total = sum(values[:8])
+    return total - idle, total
+
+
+class CpuMeter:
+    """Where the machine's CPU went between :meth:`start` and :meth:`stop`: each named process's share of one
+    core, and how busy all cores were (the load generator and the bench itself included)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self._start: dict[str, float] = {}
+        self._machine: tuple[int, int] = (0, 0)
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        self._start = {name: c for name, pid in self.pids.items() if (c := cpu_seconds(pid)) is not None}
+        self._machine = machine_ticks()
+        self._t0 = time.monotonic()
+
+    def stop(self) -> dict[str, object]:
+        elapsed = max(1e-6, time.monotonic() - self._t0)
+        busy, total = machine_ticks()
+        by_process: dict[str, float] = {}
+        for name, pid in self.pids.items():
+            end = cpu_seconds(pid)
+            if end is not None and name in self._start:
+                by_process[name] = round((end - self._start[name]) / elapsed * 100, 1)
+        return {
+            "seconds": round(elapsed, 1),
+            "cores": os.cpu_count(),
+            "machine_busy_pct": round((busy - self._machine[0]) / max(1, total - self._machine[1]) * 100, 1),
+            "pct_of_a_core": dict(sorted(by_process.items(), key=lambda kv: -kv[1])),
+        }
 
 
 def http_ok(url: str, timeout_s: float = 2) -> bool:
@@ -231,6 +282,23 @@ class Fleet:
                 asyncio.run(delete_namespace_topics(self.settings))
             finally:
                 delete_namespace_keys(self.settings)
+
+
+def fleet_pids(fleet: Fleet) -> dict[str, int]:
+    """Pids of a fleet's service processes by role (``profile fold``, ``profile api`` ...)."""
+    out: dict[str, int] = {}
+    for svc in [*fleet.services.values(), *fleet.replicas]:
+        if not svc.pid:
+            continue
+        role = None
+        if svc.name == "profile":
+            api_only = svc.env.get("LOYALIST_PROFILE_API_ONLY") == "true"
+            role = "api" if api_only else svc.env.get("LOYALIST_PROFILE_STAGES")
+        name = f"{svc.name} {role}" if role else svc.name
+        while name in out:
+            name += "'"
+        out[name] = svc.pid
+    return out
 
 
 def infra_pids(settings: Settings) -> dict[str, int]:

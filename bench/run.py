@@ -41,7 +41,16 @@ from bench.baselines import measure_all
 from bench.loadgen import percentiles, run_in_process
 from bench.notify import add_arguments as add_notify_arguments
 from bench.notify import notify_phase
-from bench.procs import REPO, Fleet, available_services, infra_pids, rss_bytes, service_exists
+from bench.procs import (
+    REPO,
+    CpuMeter,
+    Fleet,
+    available_services,
+    fleet_pids,
+    infra_pids,
+    rss_bytes,
+    service_exists,
+)
 from bench.stream import Tap, group_progress, topic_size
 from loyalist.settings import Settings
 
@@ -183,7 +192,10 @@ async def processor_phase(settings: Settings, fleet: Fleet, args: argparse.Names
     await start_profile(fleet, args.profile_layout)
     if "profile" not in fleet.services:
         return not_measured(f"profile did not start: {fleet.failures.get('profile', '')[:400]}")
+    meter = cpu_meter(fleet)
+    meter.start()
     out: JSON = {"groups": await drain_rates(settings, ("profile",), args.drain_s)}
+    out["cpu"] = meter.stop()
     downstream = [n for n in ("segmenter", "journeys", "notify") if service_exists(n)]
     if downstream:
         say(f"processors: {', '.join(downstream)} on what profile emitted, measuring for up to {args.drain_s}s ...")
@@ -428,6 +440,8 @@ async def steady_run(settings: Settings, fleet: Fleet, args: argparse.Namespace,
     per_request = 20
     say(f"pipeline ({label}): steady {args.rate} events/s ({per_request} per /v1/batch) for {args.steady_s}s, "
         f"timing outputs on {', '.join(t.topic for t in taps.values()) or 'no topic (no processor)'} ...")
+    meter = cpu_meter(fleet)
+    meter.start()
     try:
         steady: JSON = await run_in_process({
             "shape": "open", "url": fleet.url("ingest"), "write_key": settings.dev_write_key,
@@ -447,6 +461,7 @@ async def steady_run(settings: Settings, fleet: Fleet, args: argparse.Namespace,
             if not waiting():
                 break
             await asyncio.sleep(0.5)
+        steady["cpu"] = meter.stop()
         for key in ("freshness", "segment", "trigger"):
             if key in setup_notes:
                 results[key] = not_measured(setup_notes[key])
@@ -509,6 +524,7 @@ async def pipeline_phase(settings: Settings, fleet: Fleet, args: argparse.Namesp
                     results["timers"] = not_measured(f"could not create the bench timer journey: {exc}")
             funnel_load = await steady_run(settings, fleet, args, results["funnel"], setup_notes, mix=FUNNEL_EVENTS,
                                            events_per_user=FUNNEL_EVENTS_PER_USER, prefix="bf", label="funnel mix")
+            results["funnel"]["cpu"] = funnel_load["cpu"]
             if journeys and timer_journey and watch is not None:
                 checkouts = expected_outputs(FUNNEL_EVENTS, funnel_load["events_acknowledged"])["trigger"]
                 say(f"timers: waiting for the {checkouts} {TIMER_DELAY_S}-second timers of the funnel's checkouts ...")
@@ -517,7 +533,7 @@ async def pipeline_phase(settings: Settings, fleet: Fleet, args: argparse.Namesp
                     await c.post(f"/v1/journeys/{timer_journey}/pause")  # no timers under the stress mix
         steady = await steady_run(settings, fleet, args, results, setup_notes, mix=STEADY_EVENTS,
                                   events_per_user=len(STEADY_EVENTS), prefix="bs", label="stress mix")
-        results["stress_mix"] = describe_mix(STEADY_EVENTS, len(STEADY_EVENTS))
+        results["stress_mix"] = {**describe_mix(STEADY_EVENTS, len(STEADY_EVENTS)), "cpu": steady["cpu"]}
     prefix = "bs"
 
     # profile API
@@ -613,7 +629,8 @@ async def profile_alone_phase(base: Settings, args: argparse.Namespace, fleets: 
     return {"freshness_p50_ms": fresh.get("p50_ms"), "freshness_p99_ms": fresh.get("p99_ms"),
             "api_p50_ms": api.get("p50_ms"), "api_p99_ms": api.get("p99_ms"),
             "api_max_requests_per_s": api.get("max_requests_per_s"), "offered_events_per_s": args.rate,
-            "services": sorted(fleet.services), "freshness": fresh, "profile_api": api}
+            "services": sorted(fleet.services), "freshness": fresh, "profile_api": api,
+            "cpu": (section.get("stress_mix") or {}).get("cpu")}
 
 
 def replay_phase(settings: Settings, fleet: Fleet, args: argparse.Namespace) -> JSON:
@@ -652,19 +669,24 @@ def _drop_replay_target(target: Settings) -> None:
         delete_namespace_keys(target)
 
 
+def server_pids(base: Settings) -> dict[str, int]:
+    """The local stack's servers (not the services devstack may also run outside the bench's namespaces)."""
+    return {n: pid for n, pid in infra_pids(base).items() if n in ("kafka", "cassandra", "redis", "prometheus", "smtp")}
+
+
+def cpu_meter(fleet: Fleet) -> CpuMeter:
+    """CPU of the fleet's services and the servers they share (the bench's ``cpu`` sections: what limits a
+    figure is often the machine's two cores, and this shows who used them)."""
+    return CpuMeter({**fleet_pids(fleet), **server_pids(Settings())})
+
+
 def memory_phase(fleets: list[Fleet], base: Settings) -> JSON:
     procs: JSON = {}
     for fleet in fleets:
-        for name, svc in [*fleet.services.items(), *((r.name, r) for r in fleet.replicas)]:
-            if svc.pid:
-                role = None
-                if name == "profile":
-                    api_only = svc.env.get("LOYALIST_PROFILE_API_ONLY") == "true"
-                    role = "api" if api_only else svc.env.get("LOYALIST_PROFILE_STAGES")
-                procs[f"{name}{f' {role}' if role else ''} ({fleet.settings.namespace})"] = svc.rss()
-    for name, pid in infra_pids(base).items():
-        if name in ("kafka", "cassandra", "redis", "prometheus", "smtp"):
-            procs[name] = rss_bytes(pid)
+        for name, pid in fleet_pids(fleet).items():
+            procs[f"{name} ({fleet.settings.namespace})"] = rss_bytes(pid)
+    for name, pid in server_pids(base).items():
+        procs[name] = rss_bytes(pid)
     return {"rss_mb": {k: round(v / 2**20, 1) for k, v in procs.items() if v}}
 
 
@@ -735,6 +757,25 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.1f}" if value >= 100 else f"{value:,.2f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def render_cpu(results: JSON, top: int = 7) -> str:
+    """Who used the cores during the runs that have targets: a figure missed with the machine near 100% busy
+    is limited by the machine's cores, not by one stage."""
+    runs = (("profile drain on a backlog", (results.get("processor") or {}).get("cpu")),
+            ("funnel mix, whole pipeline", (results.get("funnel") or {}).get("cpu")),
+            ("stress mix, whole pipeline", (results.get("stress_mix") or {}).get("cpu")),
+            ("stress mix, ingest + profile only", (results.get("profile_alone") or {}).get("cpu")))
+    lines = []
+    for label, cpu in runs:
+        if not cpu:
+            continue
+        shares = ", ".join(f"{name} {pct:.0f}" for name, pct in list(cpu["pct_of_a_core"].items())[:top])
+        lines.append(f"  {label:<34} {cpu['machine_busy_pct']:>5.1f}% of {cpu['cores']} cores busy; "
+                     f"% of a core: {shares}")
+    if not lines:
+        return ""
+    return "CPU during the runs (machine busy includes the load generator and the bench itself):\n" + "\n".join(lines)
 
 
 def render_table(results: JSON) -> str:
@@ -901,6 +942,10 @@ def main(argv: list[str] | None = None) -> int:
     mem = results.get("memory", {}).get("rss_mb", {})
     if mem:
         print("\nmemory (RSS MB): " + ", ".join(f"{k} {v:,.0f}" for k, v in mem.items()))
+    cpu = render_cpu(results)
+    if cpu:
+        print()
+        print(cpu)
     machine = results["machine"]
     # Only the load before the run tells of other work: at the end it is the run's own (the baselines come last).
     before = machine["loadavg_1m_at_start"]
