@@ -150,6 +150,11 @@ class ShortPath:
             duration.observe(time.perf_counter() - started)
 
 
+def failing_live_checks(app: FastAPI) -> list[str]:
+    """The names of the app's liveness checks that fail now (what ``/healthz`` reports as ``dead``)."""
+    return sorted(name for name, alive in app.state.live_checks.items() if not alive())
+
+
 def create_service_app(
     service: str,
     *,
@@ -205,7 +210,7 @@ def create_service_app(
     @app.get("/healthz", tags=["ops"], summary="Liveness: the process is serving",
              responses={503: {"description": "A part of the process stopped for good: restart it"}})
     async def healthz() -> JSONResponse:
-        dead = sorted(name for name, alive in app.state.live_checks.items() if not alive())
+        dead = failing_live_checks(app)
         if dead:
             return JSONResponse({"status": "dead", "service": service, "dead": dead}, status_code=503)
         return JSONResponse({"status": "ok", "service": service})

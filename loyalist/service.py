@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -34,6 +36,7 @@ from redis.asyncio import Redis
 from loyalist.auth import CredentialStore
 from loyalist.cassandra import execute, make_cluster
 from loyalist.heap import settle_heap
+from loyalist.http import failing_live_checks
 from loyalist.kafka import make_producer
 from loyalist.logging import configure_logging
 from loyalist.redis import make_redis, redis_ready
@@ -104,6 +107,7 @@ class Resources:
         self._redis: Redis | None = None
         self._producer: AIOKafkaProducer | None = None
         self.credentials: CredentialStore | None = None
+        self._exit_watch: asyncio.Task[None] | None = None
 
     @property
     def session(self) -> Session:
@@ -162,10 +166,15 @@ class Resources:
             app.state.live_checks["stream_app"] = lambda: not stream_app.crashed
         app.state.resources = self
         app.state.started = True
+        if self.settings.exit_when_dead_s > 0:
+            self._exit_watch = asyncio.create_task(
+                exit_when_dead(app, self.service, self.settings.exit_when_dead_s), name=f"{self.service}-exit-watch")
         settle_heap()
 
     async def close(self, app: FastAPI) -> None:
         app.state.started = False
+        if self._exit_watch is not None:
+            self._exit_watch.cancel()
         if self.stream_app is not None:
             try:
                 await self.stream_app.stop()
@@ -230,6 +239,37 @@ def install_task_dump() -> None:
         loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("task dump on SIGUSR1:\n%s", dump_tasks()))
     except (NotImplementedError, RuntimeError, ValueError):
         pass  # no signals here (another thread's loop, Windows): nothing to install
+
+
+def terminate_process(grace_s: float = 30.0) -> None:
+    """SIGTERM to this process (uvicorn shuts down: consumers stop, producers flush); if that has not ended it
+    within ``grace_s`` (a shutdown waiting on what is stuck), exit at once with 70 (EX_SOFTWARE)."""
+    timer = threading.Timer(grace_s, os._exit, (70,))
+    timer.daemon = True
+    timer.start()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def exit_when_dead(app: FastAPI, service: str, after_s: float, *, check_every_s: float = 5.0,
+                         terminate: Callable[[], None] = terminate_process) -> None:
+    """End the process once a liveness check has failed for ``after_s`` in a row: a stuck or ended consume loop
+    or a crashed faust app does not come back by itself, and only Kubernetes restarts a process that is up but
+    failing ``/healthz``; docker compose and systemd restart processes that exited. Records are redone from the
+    committed offsets by the restarted process, and every effect is idempotent."""
+    dead_since: float | None = None
+    while True:
+        await asyncio.sleep(check_every_s)
+        dead = failing_live_checks(app)
+        if not dead:
+            dead_since = None
+            continue
+        now = time.monotonic()
+        dead_since = now if dead_since is None else dead_since
+        if now - dead_since >= after_s:
+            log.error("%s: liveness checks %s failed for %.0f s; ending the process so that it is restarted",
+                      service, ", ".join(dead), now - dead_since)
+            terminate()
+            return
 
 
 def watch_consumers(app: FastAPI, service: str, consumers: Callable[[], Sequence[BatchConsumer]]) -> None:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import subprocess
+import sys
+
 import httpx
+import pytest
 
 from loyalist.http import create_service_app
+from loyalist.service import exit_when_dead
 
 
 async def test_healthz_fails_when_a_part_of_the_process_died() -> None:
@@ -110,3 +117,44 @@ async def test_healthz_fails_while_a_consume_loop_is_stuck_or_ended() -> None:
         consumer._task.cancel()  # the loop ended
         await asyncio.gather(consumer._task, return_exceptions=True)
         assert (await client.get("/healthz")).status_code == 503
+
+
+async def test_a_process_failing_its_liveness_check_long_enough_ends_itself() -> None:
+    app = create_service_app("opstest", title="t", description="t")
+    app.state.live_checks["consumers"] = lambda: False  # a consume loop stuck for good
+    ended = asyncio.Event()
+    watch = asyncio.create_task(exit_when_dead(app, "opstest", 0.2, check_every_s=0.02, terminate=ended.set))
+    await asyncio.wait_for(ended.wait(), 10)
+    await asyncio.wait_for(watch, 1)  # it ends once it has asked for the exit
+
+
+async def test_a_check_that_recovers_in_time_does_not_end_the_process() -> None:
+    app = create_service_app("opstest", title="t", description="t")
+    calls = {"n": 0}
+    sixty_checks = asyncio.Event()
+
+    def flapping() -> bool:
+        # dead for 3 checks in every 4: a dead streak lasts 3 checks (~0.03 s), far from the 5 s that end it
+        calls["n"] += 1
+        if calls["n"] >= 60:
+            sixty_checks.set()
+        return calls["n"] % 4 == 0
+
+    app.state.live_checks["consumers"] = flapping
+    ended = asyncio.Event()
+    watch = asyncio.create_task(exit_when_dead(app, "opstest", 5.0, check_every_s=0.01, terminate=ended.set))
+    await asyncio.wait_for(sixty_checks.wait(), 30)
+    watch.cancel()
+    assert not ended.is_set()
+
+
+@pytest.mark.parametrize(("ignore_sigterm", "expected"), [(False, -signal.SIGTERM), (True, 70)])
+def test_terminate_process_signals_and_then_exits_hard(ignore_sigterm: bool, expected: int) -> None:
+    # A shutdown that hangs (here: SIGTERM ignored) still ends the process, with 70, after the grace period.
+    code = ("import signal, time\n"
+            f"if {ignore_sigterm}: signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "from loyalist.service import terminate_process\n"
+            "terminate_process(grace_s=0.3)\n"
+            "time.sleep(30)\n")
+    done = subprocess.run([sys.executable, "-c", code], timeout=60)
+    assert done.returncode == expected
