@@ -210,7 +210,8 @@ def run_service(service: str, create_app: Callable[[Settings], FastAPI], *,
     settings = Settings()
     configure_logging(settings, service)
     app = create_app(settings)
-    uvicorn.run(
+    global _server
+    _server = uvicorn.Server(uvicorn.Config(
         wrap(app) if wrap is not None else app,
         host=settings.host,
         port=settings.service_port(service),
@@ -219,7 +220,10 @@ def run_service(service: str, create_app: Callable[[Settings], FastAPI], *,
         loop="uvloop",
         http="httptools",
         timeout_graceful_shutdown=10,
-    )
+    ))
+    _server.run()
+    if _ended_dead.is_set():
+        raise SystemExit(EXIT_DEAD)
 
 
 def dump_tasks() -> str:
@@ -241,13 +245,23 @@ def install_task_dump() -> None:
         pass  # no signals here (another thread's loop, Windows): nothing to install
 
 
+EXIT_DEAD = 70  # EX_SOFTWARE: the exit code of a process that ended itself because it was no longer alive
+_ended_dead = threading.Event()
+_server: uvicorn.Server | None = None  # the server run_service runs, if any
+
+
 def terminate_process(grace_s: float = 30.0) -> None:
-    """SIGTERM to this process (uvicorn shuts down: consumers stop, producers flush); if that has not ended it
-    within ``grace_s`` (a shutdown waiting on what is stuck), exit at once with 70 (EX_SOFTWARE)."""
-    timer = threading.Timer(grace_s, os._exit, (70,))
+    """End this process with ``EXIT_DEAD``, a failure for supervisors: under :func:`run_service`, uvicorn shuts
+    down gracefully (consumers stop, producers flush) and the process then exits with it; elsewhere, SIGTERM. If
+    that has not ended it within ``grace_s`` (a shutdown waiting on what is stuck), exit at once."""
+    _ended_dead.set()
+    timer = threading.Timer(grace_s, os._exit, (EXIT_DEAD,))
     timer.daemon = True
     timer.start()
-    os.kill(os.getpid(), signal.SIGTERM)
+    if _server is not None:
+        _server.should_exit = True
+    else:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def exit_when_dead(app: FastAPI, service: str, after_s: float, *, check_every_s: float = 5.0,

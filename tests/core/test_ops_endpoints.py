@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -158,3 +161,30 @@ def test_terminate_process_signals_and_then_exits_hard(ignore_sigterm: bool, exp
             "time.sleep(30)\n")
     done = subprocess.run([sys.executable, "-c", code], timeout=60)
     assert done.returncode == expected
+
+
+def test_a_served_process_that_stays_dead_exits_with_a_failure_code(tmp_path: Path) -> None:
+    # The whole path in a real process under uvicorn: the watcher's SIGTERM, uvicorn's graceful shutdown, then
+    # exit code 70, which supervisors (systemd's Restart=on-failure) treat as a failure to restart.
+    code = """
+from fastapi import FastAPI
+from loyalist.http import create_service_app
+from loyalist.service import Resources, run_service
+from loyalist.settings import Settings
+
+def create_app(settings: Settings) -> FastAPI:
+    resources = Resources(settings, "ingest", cassandra=False)
+    app = create_service_app("ingest", title="t", description="t", lifespan=resources.lifespan)
+    app.state.live_checks["consumers"] = lambda: False  # a consume loop that will never come round again
+    return app
+
+run_service("ingest", create_app)
+"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LOYALIST_EXIT_WHEN_DEAD_S": "0.5", "LOYALIST_INGEST_PORT": str(port),
+           "LOYALIST_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 70, done.stderr[-2000:]
+    assert "failed for" in done.stderr and "ending the process" in done.stderr
