@@ -65,14 +65,18 @@ def rss_bytes(pid: int) -> int | None:
     return None
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """CPU time (user + system) a process has used so far, from /proc (None when it is gone)."""
+def cpu_seconds(pid: int, *, reaped_children: bool = False) -> float | None:
+    """CPU time (user + system) a process has used so far, from /proc (None when it is gone); with
+    ``reaped_children`` also that of its children that ended and were waited for (the bench's load generators)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLOCK_TICKS
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -88,23 +92,27 @@ class CpuMeter:
     """Where the machine's CPU went between :meth:`start` and :meth:`stop`: each named process's share of one
     core, and how busy all cores were (the load generator and the bench itself included)."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], *, with_reaped_children: frozenset[str] = frozenset()) -> None:
         self.pids = pids
+        self.with_reaped_children = with_reaped_children
         self._start: dict[str, float] = {}
         self._machine: tuple[int, int] = (0, 0)
         self._t0 = 0.0
 
     def start(self) -> None:
-        self._start = {name: c for name, pid in self.pids.items() if (c := cpu_seconds(pid)) is not None}
+        self._start = {name: c for name, pid in self.pids.items() if (c := self._cpu(name, pid)) is not None}
         self._machine = machine_ticks()
         self._t0 = time.monotonic()
+
+    def _cpu(self, name: str, pid: int) -> float | None:
+        return cpu_seconds(pid, reaped_children=name in self.with_reaped_children)
 
     def stop(self) -> dict[str, object]:
         elapsed = max(1e-6, time.monotonic() - self._t0)
         busy, total = machine_ticks()
         by_process: dict[str, float] = {}
         for name, pid in self.pids.items():
-            end = cpu_seconds(pid)
+            end = self._cpu(name, pid)
             if end is not None and name in self._start:
                 by_process[name] = round((end - self._start[name]) / elapsed * 100, 1)
         return {

@@ -674,10 +674,15 @@ def server_pids(base: Settings) -> dict[str, int]:
     return {n: pid for n, pid in infra_pids(base).items() if n in ("kafka", "cassandra", "redis", "prometheus", "smtp")}
 
 
+BENCH_PROCESS = "bench + load generator"
+
+
 def cpu_meter(fleet: Fleet) -> CpuMeter:
-    """CPU of the fleet's services and the servers they share (the bench's ``cpu`` sections: what limits a
-    figure is often the machine's two cores, and this shows who used them)."""
-    return CpuMeter({**fleet_pids(fleet), **server_pids(Settings())})
+    """CPU of the fleet's services, the servers they share, and the bench itself with its load generator (a
+    child process, counted once it ended): the bench's ``cpu`` sections. What limits a figure is often the
+    machine's two cores, and this shows who used them."""
+    return CpuMeter({**fleet_pids(fleet), **server_pids(Settings()), BENCH_PROCESS: os.getpid()},
+                    with_reaped_children=frozenset({BENCH_PROCESS}))
 
 
 def memory_phase(fleets: list[Fleet], base: Settings) -> JSON:

@@ -3,6 +3,7 @@ amount of CPU time is charged that time, a sleeping one nothing, and the report 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -74,3 +75,15 @@ def test_the_report_names_the_busiest_processes_of_each_run() -> None:
     assert "cassandra 88, profile fold 61" in text and "kafka" not in text
     assert "funnel" not in text
     assert render_cpu({}) == ""
+
+
+def test_a_child_that_ended_is_counted_with_its_parent_only_when_asked() -> None:
+    # The load generator runs as a child process of the bench: its CPU time joins the bench's once reaped.
+    me = os.getpid()
+    alone, with_children = cpu_seconds(me), cpu_seconds(me, reaped_children=True)
+    assert alone is not None and with_children is not None
+    subprocess.run([sys.executable, "-c", "import time\nwhile time.process_time() < 0.5: pass"], check=True)
+    alone2, with_children2 = cpu_seconds(me), cpu_seconds(me, reaped_children=True)
+    assert alone2 is not None and with_children2 is not None
+    assert with_children2 - with_children >= 0.5 - 0.05
+    assert alone2 - alone < 0.3  # this test's own work only, not the child's half second
