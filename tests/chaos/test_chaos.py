@@ -56,8 +56,6 @@ SHORT_TARGETS = ("ingest", "profile", "notify")
 @pytest.mark.skipif(FULL, reason="the full form runs instead")
 def test_services_killed_in_turn_lose_and_duplicate_nothing() -> None:
     services = available_services()
-    if "ingest" not in services:
-        pytest.skip("services/ingest is not there yet")
     fleet = Fleet.create(prefix="chaos")
     try:
         fleet.start(services)
@@ -76,8 +74,6 @@ def test_services_killed_in_turn_lose_and_duplicate_nothing() -> None:
 @pytest.mark.skipif(not FULL, reason="full chaos runs with `make chaos` (LOYALIST_CHAOS=full)")
 def test_every_process_and_server_killed_in_turn() -> None:
     services = available_services()
-    if "ingest" not in services:
-        pytest.skip("services/ingest is not there yet")
     with private_stack() as (settings, stack):
         fleet = Fleet.create(settings, prefix="chaos")
         try:

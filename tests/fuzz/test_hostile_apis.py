@@ -31,8 +31,7 @@ SSTI = [
 
 
 def needs(name: str) -> None:
-    if not service_exists(name):
-        pytest.skip(f"services/{name} is not there yet")
+    assert service_exists(name), f"services/{name} is missing"
 
 
 @pytest.fixture(scope="module")

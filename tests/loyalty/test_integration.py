@@ -5,18 +5,12 @@ API errors, replay of the stored ledger."""
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -37,8 +31,6 @@ from services.profile.loyalty.store import LedgerStore, ProgramStore
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-
 PROGRAM: dict[str, Any] = {
     "name": "Test rewards", "base_currency": "USD", "points_per_unit": 1,
     "currency_rates": {"EUR": "1.10", "GBP": "1.25"},
@@ -53,66 +45,18 @@ PROGRAM: dict[str, Any] = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Replica:
     url: str
-    kind: str  # "profile" (the real profile service) or "harness" (loyalty alone on a bare app)
-    proc: subprocess.Popen[bytes] | None = None
-
-
-def _start_harness(settings: Settings, log: Path) -> Replica:
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"LOYALIST_{name.upper()}"] = str(value)
-    env["LOYALIST_PROFILE_PORT"] = str(port)
-    proc = subprocess.Popen([sys.executable, "-m", "tests.loyalty.harness"], cwd=REPO, env=env,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"harness exited: {log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return Replica(url, "harness", proc)
-        except Exception:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("harness not ready in 90s")
+    kind: str = "profile"  # loyalty runs inside the profile service
 
 
 @pytest.fixture(scope="module")
 def replicas(stack_settings: Settings, start_service: Callable[..., Any]) -> Iterator[list[Replica]]:
-    """Two API processes hosting loyalty: two profile service replicas when the profile service starts,
-    else two processes of the loyalty harness (the same ``install`` on a bare app)."""
-    started: list[Replica] = []
-    try:
-        first = start_service("profile")
-        second = start_service("profile")
-        started = [Replica(first.url, "profile"), Replica(second.url, "profile")]
-    except Exception as exc:  # the profile service is another engineer's work in progress
-        print(f"profile service did not start ({str(exc)[:200]}); using the loyalty harness")
-        log_dir = stack_settings.state_dir / "test-logs" / stack_settings.namespace
-        log_dir.mkdir(parents=True, exist_ok=True)
-        started = [_start_harness(stack_settings, log_dir / f"loyalty-harness-{i}.log") for i in range(2)]
-    yield started
-    for replica in started:
-        if replica.proc is not None and replica.proc.poll() is None:
-            replica.proc.terminate()
-            try:
-                replica.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                replica.proc.kill()
+    """Two replicas of the real profile service, which hosts loyalty."""
+    first = start_service("profile")
+    second = start_service("profile")
+    yield [Replica(first.url), Replica(second.url)]
 
 
 @pytest.fixture(scope="module")
@@ -348,8 +292,6 @@ async def test_profile_document_shows_the_loyalty_section(
 ) -> None:
     """The whole loop through the real profile service: an order in events.raw → profile → events.resolved →
     loyalty → Points Earned in events.raw → the profile's ``loyalty`` section."""
-    if replicas[0].kind != "profile":
-        pytest.skip("the profile service is not available; the loop needs it")
     user_id = f"u-{uuid.uuid4().hex[:10]}"
     order = Event(type="track", event="Order Completed", message_id=f"m-{user_id}", timestamp=utcnow(),
                   received_at=utcnow(), user_id=user_id, source="web",
