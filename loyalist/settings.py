@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     # ~50 ms of acknowledged writes. "batch" acknowledges only synced writes: nothing acknowledged is lost, at
     # about half the write throughput here (docs/operations.md, "Commit log durability").
     cassandra_commitlog_sync: Literal["periodic", "batch"] = "periodic"
-    # A process whose liveness check (/healthz) has failed this long ends itself (SIGTERM, then exit 70), so a
+    # A process whose liveness check (/healthz) has failed this long shuts down and exits with 70, so a
     # supervisor that only restarts exited processes (docker compose's restart policy, systemd) restarts it, as
     # Kubernetes's liveness probe does. 0 keeps it running (and failing /healthz).
     exit_when_dead_s: float = Field(default=120.0, ge=0)
