@@ -53,10 +53,13 @@ class Tap:
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap, client_id="bench-tap", enable_auto_commit=False,
-            # A short poll (~100 fetches/s per idle tap). A 500 ms long poll was tried: in the run after it the
-            # taps reported stress-mix p99s of 6.7-10.6 s, against 2.2-3.2 s in the next run with 10 ms, so the
-            # instrument stays as it was when every earlier figure was recorded.
-            fetch_max_wait_ms=10, isolation_level="read_committed",
+            # A long poll, as the services' consumers use: the broker answers as soon as a record arrives, so it
+            # adds no latency, and an idle tap no longer sends ~100 fetches a second. With 10 ms, the bench and its
+            # load generator used 19% of a core during the funnel run, against 11-12% with 500 ms, and Kafka used
+            # 19% against 15-17%. In four alternating runs on 2026-12-07, the stress-mix p99s were 3.5-5.3 s
+            # with 500 ms and 4.9-7.5 s with 10 ms. A single earlier run had read the opposite; that was not
+            # reproduced.
+            fetch_max_wait_ms=500, isolation_level="read_committed",
         )
         await self._consumer.start()
         parts = self._consumer.partitions_for_topic(self.topic) or set()
