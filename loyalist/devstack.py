@@ -74,6 +74,24 @@ class Component:
     env: dict[str, str] = field(default_factory=dict)
 
 
+TIMER_SLACK = Path("/proc/self/timerslack_ns")
+
+
+def with_timer_slack(command: list[str], slack_us: int) -> list[str]:
+    """``command`` run with a timer slack of ``slack_us`` microseconds for all of its threads (inherited by every
+    thread it creates; kept across ``exec``, so the pid stays the command's). A shell sets its own slack, then
+    ``exec``s the command; where the kernel has no per-thread slack (``/proc/self/timerslack_ns``), the command
+    runs as it is.
+
+    >>> with_timer_slack(["java", "-version"], 0)
+    ['java', '-version']
+    """
+    if slack_us <= 0 or not TIMER_SLACK.exists():
+        return command
+    script = f'echo {slack_us * 1000} 2>/dev/null > {TIMER_SLACK}; exec "$@"'
+    return ["/bin/sh", "-c", script, "sh", *command]
+
+
 class Stack:
     def __init__(self, settings: Settings, *, quiet: bool = False) -> None:
         self.s = settings
@@ -235,7 +253,7 @@ class Stack:
             if ln.strip() and not ln.startswith("#")
         ]
         data = self.home / "cassandra"
-        return [
+        return with_timer_slack([
             self._java(), f"-Xms{self.s.cassandra_heap}", f"-Xmx{self.s.cassandra_heap}", "-Xss512k", *flags,
             *([f"-javaagent:{jamm[0]}"] if jamm else []),
             f"-Dcassandra.config=file://{data / 'cassandra.yaml'}",
@@ -247,7 +265,7 @@ class Stack:
             "-Dcassandra.skip_wait_for_gossip_to_settle=0",
             "-Dcassandra.ring_delay_ms=100",
             "-cp", f"{jars}/*", "org.apache.cassandra.service.CassandraDaemon",
-        ]
+        ], self.s.cassandra_timer_slack_us)
 
     def _cassandra_ready(self) -> bool:
         from loyalist.cassandra import cassandra_ready

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     # ~50 ms of acknowledged writes. "batch" acknowledges only synced writes: nothing acknowledged is lost, at
     # about half the write throughput here (docs/operations.md, "Commit log durability").
     cassandra_commitlog_sync: Literal["periodic", "batch"] = "periodic"
+    # Timer slack of the local Cassandra's threads (devstack), in microseconds; 0 keeps the kernel's 50 us. Its
+    # idle request workers wait for work in sleeps of 10 us to 1 ms before parking: at 200 writes/s those
+    # wake-ups cost 42% of a core here, with 1 ms of slack 11%, for +0.6 ms per request (docs/operations.md,
+    # "Cassandra's idle workers").
+    cassandra_timer_slack_us: int = Field(default=1000, ge=0, le=100_000)
     # A process whose liveness check (/healthz) has failed this long shuts down and exits with 70, so a
     # supervisor that only restarts exited processes (docker compose's restart policy, systemd) restarts it, as
     # Kubernetes's liveness probe does. 0 keeps it running (and failing /healthz).

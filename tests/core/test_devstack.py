@@ -67,3 +67,43 @@ def test_the_local_cassandra_gets_the_commit_log_sync_asked_for(tmp_path: Path, 
     assert config["commitlog_sync"] == mode
     # Cassandra refuses a batch commit log with a sync period, and a periodic one without it.
     assert ("commitlog_sync_period" in config) == (mode == "periodic")
+
+
+THREAD_SLACKS = """
+import threading
+def read():
+    with open(f"/proc/{threading.get_native_id()}/timerslack_ns") as f:
+        return f.read().strip()
+seen = []
+def worker():
+    seen.append(read())
+    inner = threading.Thread(target=lambda: seen.append(read()))
+    inner.start(); inner.join()
+t = threading.Thread(target=worker); t.start(); t.join()
+print(read(), *seen)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/timerslack_ns").exists(), reason="the kernel has no per-thread slack")
+def test_a_command_with_timer_slack_has_it_on_every_thread_it_creates(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from loyalist.devstack import with_timer_slack
+
+    command = [sys.executable, "-c", THREAD_SLACKS]
+    out = subprocess.run(with_timer_slack(command, 750), capture_output=True, text=True, check=True).stdout
+    # The main thread, a thread it started and a thread that one started: all inherit the slack.
+    assert out.split() == ["750000"] * 3
+    default = subprocess.run(with_timer_slack(command, 0), capture_output=True, text=True, check=True).stdout
+    assert set(default.split()) != {"750000"}
+
+
+def test_the_local_cassandra_runs_with_the_timer_slack_asked_for(tmp_path: Path) -> None:
+    stack = Stack(Settings(home=tmp_path / "stack", cassandra_timer_slack_us=1000), quiet=True)
+    command = stack._cassandra_cmd()
+    assert command[-1] == "org.apache.cassandra.service.CassandraDaemon"
+    if Path("/proc/self/timerslack_ns").exists():
+        assert command[:2] == ["/bin/sh", "-c"] and "echo 1000000" in command[2]
+    off = Stack(Settings(home=tmp_path / "stack", cassandra_timer_slack_us=0), quiet=True)._cassandra_cmd()
+    assert off[0].endswith("java")
