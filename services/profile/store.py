@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import orjson
 from cassandra.cluster import Session
+from cassandra.query import UNSET_VALUE
 from redis.asyncio import Redis
 
 from loyalist.cassandra import Row, execute, execute_writes, partition_chunks
@@ -326,7 +327,7 @@ class ProfileStore:
         return out
 
     def _snapshot_row(self, profile_id: str, state: ProfileState | None, document: dict[str, Any] | None,
-                      merged_into: str | None, now: datetime) -> Row:
+                      merged_into: str | object | None, now: datetime) -> Row:
         return (self._write_profile, (
             profile_id, orjson.dumps(state) if state else None,
             orjson.dumps(document) if document is not None else None, merged_into, now))
@@ -337,8 +338,10 @@ class ProfileStore:
 
     async def save_many(self, snapshots: Sequence[tuple[str, ProfileState | None, dict[str, Any] | None]],
                         now: datetime) -> None:
-        """Snapshots of many (unmerged) profiles in few requests."""
-        await self._write("snapshot_save", [self._snapshot_row(pid, state, doc, None, now)
+        """Snapshots of many (unmerged) profiles in few requests. ``merged_into`` is left unset rather than
+        written as null: a null is a tombstone, one more on every snapshot write, that every read of the row (and
+        every full scan) goes through until compaction purges it."""
+        await self._write("snapshot_save", [self._snapshot_row(pid, state, doc, UNSET_VALUE, now)
                                             for pid, state, doc in snapshots])
 
     async def delete_profile(self, profile_id: str) -> None:
