@@ -54,6 +54,24 @@ async def test_cassandra_migrations_and_async_execute(stack_settings: Settings) 
         cluster.shutdown()
 
 
+def test_a_single_node_keyspace_purges_tombstones_and_paxos_state_after_3_hours(stack_settings: Settings) -> None:
+    from loyalist.cassandra import migrate
+
+    cluster, session = connect(stack_settings)
+    single = stack_settings.model_copy(update={"namespace": f"gc1_{uuid.uuid4().hex[:8]}"})
+    query = "SELECT table_name, gc_grace_seconds FROM system_schema.tables WHERE keyspace_name = %s"
+    try:
+        migrate(single, session)
+        grace = {r["table_name"]: r["gc_grace_seconds"] for r in session.execute(query, (single.keyspace,))}
+        # Every table of the migrations (schema_migrations itself excepted), the lightweight-transaction ones
+        # (whose Paxos state lives max(3 h, gc_grace_seconds)) and the queues alike.
+        assert {"identities", "notify_messages", "seg_outbox", "credentials"} <= set(grace)
+        assert {t: g for t, g in grace.items() if t != "schema_migrations" and g != 10800} == {}
+    finally:
+        session.execute(f"DROP KEYSPACE IF EXISTS {single.keyspace}")
+        cluster.shutdown()
+
+
 async def test_redis_namespaced_keys(stack_settings: Settings) -> None:
     client = make_redis(stack_settings)
     key = stack_settings.redis_key("probe", uuid.uuid4().hex)
