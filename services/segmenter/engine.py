@@ -13,6 +13,10 @@ replays an input whose decision now equals the stored state, so nothing new is d
 left behind are resolved at start by reading the tail of ``segment.membership``: a transition already
 there is dropped, a missing one is sent. Older replays of ``profile.changed`` are skipped by their
 (partition, offset), so an intermediate state is never re-entered.
+
+The outbox and the schedule are queues whose handled entries are deleted; their polls read from per-shard
+floors (:mod:`loyalist.queues`) past the tombstones those deletes leave, which a read from the partition's
+start would scan on every poll until Cassandra fails it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from loyalist.events import Event, decode_event, encode_event
+from loyalist.queues import ReadFloors
 from loyalist.settings import Settings
 from loyalist.topics import EVENTS_RAW, SEGMENT_MEMBERSHIP
 from services.segmenter import metrics
@@ -52,7 +57,15 @@ from services.segmenter.domain.predictions import materially_changed
 from services.segmenter.domain.recommendations import CoPurchases, order_products
 from services.segmenter.domain.rfm import RfmScorer, RfmValues, rfm_values
 from services.segmenter.domain.rules import EventRecord, Rule, RuleError, evaluate, parse_datetime, parse_rule
-from services.segmenter.store import SCHEDULE_SHARDS, Decided, SegmenterStore, StoredProfile, StoredSegment
+from services.segmenter.store import (
+    OUTBOX_SHARD,
+    SCHEDULE_SHARDS,
+    Decided,
+    OutboxEntry,
+    SegmenterStore,
+    StoredProfile,
+    StoredSegment,
+)
 
 log = logging.getLogger(__name__)
 # A customer's RFM values moved in the sketches: (profile id, old, new).
@@ -145,9 +158,13 @@ class SegmenterEngine:
         self.member_counts: dict[str, int] = {}
         self._tail: asyncio.Future[None] | None = None
         self._published_sizes: dict[str, tuple[str, str]] = {}
+        # Where the scheduler's polls (per schedule shard) and the outbox sweeps start reading.
+        self.schedule_floors = ReadFloors()
+        self.outbox_floors = ReadFloors()
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
+        await self.load_floors()
         await self.reload_segments()
         started = time.monotonic()
         count = 0
@@ -165,6 +182,11 @@ class SegmenterEngine:
         for seg in self.segment_rows.values():
             if seg.backfill_status != "done":
                 self.start_backfill(seg.segment_id, "backfill")
+
+    async def load_floors(self) -> None:
+        """The read floors saved by the previous run (or another instance): the first polls start there."""
+        await self.store.schedule_floors.load(self.schedule_floors)
+        await self.store.outbox_floors.load(self.outbox_floors)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -292,7 +314,8 @@ class SegmenterEngine:
                                                     events.get(profile_id, []), now, churn_inputs, rescored)
                     if decided is None:
                         continue
-                    rows, sent, previous_next, next_at = decided
+                    rows, sent, previous_next = decided
+                    next_at = rows.next_evaluation_at
                     groups.append(rows)
                     outgoing.extend(sent)
                     if previous_next is not None and previous_next != next_at:
@@ -316,7 +339,7 @@ class SegmenterEngine:
                     if count:
                         metrics.MEMBERSHIP_CHANGES.labels(change).inc(count)
                 self._count_members([(tid.split(":", 1)[0], change) for _, tid, change, _ in outgoing])
-                after.extend(self.store.outbox_done_row(tid) for _, tid, _, _ in outgoing)
+                after.extend(self.store.outbox_done_row(tid, now) for _, tid, _, _ in outgoing)
             metrics.DECISION_DURATION.observe(time.perf_counter() - started)
         new_profiles = frozenset(pid for pid in by_profile if pid not in stored_rows)
         # The rest (outbox rows cleared, churn observations, predictions) runs while the next batch is decided;
@@ -373,11 +396,10 @@ class SegmenterEngine:
                          events: list[EventRecord], now: datetime,
                          churn_inputs: list[tuple[str, dict[str, Any], dict[str, Any]]],
                          rescored: list[Rescored],
-                         ) -> tuple[Decided, list[tuple[str, str, str, bytes]], datetime | None, datetime | None
-                                    ] | None:
+                         ) -> tuple[Decided, list[tuple[str, str, str, bytes]], datetime | None] | None:
         """Decide one customer's messages in order (pure apart from the RFM sketches and metrics). Returns the
-        rows to write, the membership messages to send and the previously and the newly scheduled evaluation, or
-        None when every message was a replay or invalid."""
+        rows to write (with the next evaluation as stored), the membership messages to send and the previously
+        stored next evaluation, or None when every message was a replay or invalid."""
         position = (stored.source_partition, stored.source_offset) if stored is not None else (None, None)
         document = stored.document if stored is not None else {}
         won_back_at = stored.won_back_at if stored is not None else None
@@ -420,7 +442,7 @@ class SegmenterEngine:
             return None
         rows = self.store.decided_rows(profile_id, document, last[0], last[1], won_back_at, next_at, previous_next,
                                        changes, now)
-        return rows, sent, previous_next, next_at
+        return rows, sent, previous_next
 
     def _payload(self, profile_id: str, t: Transition, seq: int, at: datetime,
                  accepted_at: str | None) -> tuple[str, bytes]:
@@ -662,39 +684,49 @@ class SegmenterEngine:
         for t in transitions:
             metrics.MEMBERSHIP_CHANGES.labels(t.change).inc()
         self._count_members([(t.segment_id, t.change) for t in transitions])
-        await self.store.outbox_done_many([transition_id for transition_id, _ in payloads])
+        await self.store.outbox_done_many([transition_id for transition_id, _ in payloads], at)
 
-    async def _send_membership(self, profile_id: str, transition_id: str, raw: bytes) -> None:
+    async def _send_membership(self, entry: OutboxEntry) -> None:
+        raw = entry.payload.encode()
+        profile_id = entry.transition_id.split(":")[1]
         await self.producer.send_and_wait(self.membership_topic, raw, key=profile_id.encode())
         change = orjson.loads(raw)["change"]
         metrics.MEMBERSHIP_CHANGES.labels(change).inc()
-        await self.store.outbox_done(transition_id)
+        await self.store.outbox_done(entry)
 
     async def recover_outbox(self, older_than: timedelta | None = None) -> int:
         """Send the membership changes a crash (or a failed produce) left between the state write and the
-        Kafka ack — only those not already in the topic. At start every row is such a leftover; while
-        running only rows older than ``older_than`` are (younger ones may still be in flight).
-        Returns how many were sent."""
-        rows = await self.store.outbox()
-        if older_than is not None:
-            cutoff = datetime.now(UTC) - older_than
-            rows = [r for r in rows if r["created_at"].replace(tzinfo=UTC) < cutoff]
-        if not rows:
-            return 0
+        Kafka ack — only those not already in the topic. At start (``older_than`` None) every row is such a
+        leftover, the rows an earlier version left in ``seg_outbox`` too; while running only rows older than
+        ``older_than`` are (younger ones may still be in flight). Either reads from the outbox's floor, past
+        the rows already sent and deleted. Returns how many were sent."""
+        now = datetime.now(UTC)
+        cutoff = None if older_than is None else now - older_than
+        since = self.outbox_floors.floor(OUTBOX_SHARD)
+        entries: list[OutboxEntry] = []
+        if cutoff is None or since is None or since < cutoff:
+            entries = await self.store.outbox(since=since, before=cutoff)
+        if older_than is None:
+            entries += await self.store.legacy_outbox()
+        sent = await self._resend(entries) if entries else 0
+        # Everything created before the cutoff was read and is in Kafka now (an exception above leaves the floor).
+        if self.outbox_floors.advance(OUTBOX_SHARD, cutoff or now, None):
+            await self.store.outbox_floors.maybe_save(OUTBOX_SHARD, self.outbox_floors)
+        return sent
+
+    async def _resend(self, entries: list[OutboxEntry]) -> int:
+        """Send the outbox ``entries`` not already in Kafka and delete them all. Returns how many were sent."""
         # In the order they were decided: a customer's changes of one segment by their sequence number.
-        rows.sort(key=lambda r: (r["created_at"], _seq(r["transition_id"])))
-        oldest = min(r["created_at"] for r in rows).replace(tzinfo=UTC)
-        seen = await self._transition_ids_since(oldest - timedelta(seconds=30))
+        entries = sorted(entries, key=lambda e: (e.created_at, _seq(e.transition_id)))
+        seen = await self._transition_ids_since(entries[0].created_at - timedelta(seconds=30))
         sent = 0
-        for row in rows:
-            transition_id = row["transition_id"]
-            if transition_id in seen:
-                await self.store.outbox_done(transition_id)
+        for entry in entries:
+            if entry.transition_id in seen:
+                await self.store.outbox_done(entry)
                 continue
-            profile_id = transition_id.split(":")[1]
-            await self._send_membership(profile_id, transition_id, row["payload"].encode())
+            await self._send_membership(entry)
             sent += 1
-        log.info("outbox recovery: %d pending, %d already in Kafka, %d sent", len(rows), len(rows) - sent, sent)
+        log.info("outbox recovery: %d pending, %d already in Kafka, %d sent", len(entries), len(entries) - sent, sent)
         return sent
 
     async def _transition_ids_since(self, since: datetime) -> set[str]:
@@ -754,23 +786,52 @@ class SegmenterEngine:
                 await asyncio.wait_for(self._stopping.wait(), self.config.scheduler_poll_s)
 
     async def run_due(self, now: datetime | None = None) -> int:
-        """Re-evaluate every customer whose next time-triggered change is due. Returns how many."""
+        """Re-evaluate every customer whose next time-triggered change is due. Returns how many.
+
+        Each shard is read from its floor; the floor then moves up to ``now``, or to the earliest entry left
+        in place (one whose handling failed, or the last one read when the read's limit was reached)."""
         now = now or datetime.now(UTC)
+        limit = self.config.scheduler_batch
         handled = 0
         for shard in range(SCHEDULE_SHARDS):
-            for due_at, profile_id in await self.store.due(shard, now, self.config.scheduler_batch):
-                async with self.lock(profile_id):
-                    stored = await self.store.profile(profile_id)
-                    if stored is None or stored.deleted or stored.next_evaluation_at != due_at:
-                        await self.store.unschedule(profile_id, due_at)  # superseded
-                        continue
-                    lag = (now - due_at).total_seconds()
-                    metrics.SCHEDULER_LAG.observe(max(lag, 0.0))
-                    facts = CustomerFacts(stored.document, await self._events(profile_id), stored.won_back_at,
-                                          stored.predictions)
-                    await self._decide_and_apply(profile_id, facts, "time elapsed", None, due_at)
-                    handled += 1
+            entries = await self.store.due(shard, now, limit, since=self.schedule_floors.floor(shard))
+            # A full read may have left more entries due at its last due time (ones after it in profile id).
+            oldest_left = entries[-1][0] if len(entries) >= limit else None
+            failed: list[str] = []
+            first_error: Exception | None = None
+            for due_at, profile_id in entries:
+                try:
+                    if await self._run_scheduled(profile_id, due_at, now):
+                        handled += 1
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the entry stays for the next pass; the others go on
+                    failed.append(profile_id)
+                    first_error = first_error or exc
+                    oldest_left = due_at if oldest_left is None else min(oldest_left, due_at)
+            if failed:
+                log.error("scheduled evaluation of %d customers (%s, ...) failed; retried at the next pass",
+                          len(failed), failed[0], exc_info=first_error)
+            if self.schedule_floors.advance(shard, now, oldest_left):
+                await self.store.schedule_floors.maybe_save(shard, self.schedule_floors)
         return handled
+
+    async def _run_scheduled(self, profile_id: str, due_at: datetime, now: datetime) -> bool:
+        """Re-evaluate a customer for its schedule entry due at ``due_at``; an entry that no longer matches the
+        profile's next evaluation (superseded, or the profile deleted) is only dropped. Returns whether the
+        customer was evaluated."""
+        async with self.lock(profile_id):
+            stored = await self.store.profile(profile_id)
+            # Both hold the same stored value (store.stored_due), so equality tells the current entry.
+            if stored is None or stored.deleted or stored.next_evaluation_at != due_at:
+                await self.store.unschedule(profile_id, due_at)  # superseded
+                return False
+            lag = (now - due_at).total_seconds()
+            metrics.SCHEDULER_LAG.observe(max(lag, 0.0))
+            facts = CustomerFacts(stored.document, await self._events(profile_id), stored.won_back_at,
+                                  stored.predictions)
+            await self._decide_and_apply(profile_id, facts, "time elapsed", None, due_at)
+            return True
 
     # ---- segments (API side) ---------------------------------------------------------------------
     def parse_segment(self, segment_id: str, name: str, definition: Any, version: int) -> SegmentDefinition:

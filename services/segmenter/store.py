@@ -1,4 +1,9 @@
-"""Cassandra access for the segmenter (tables in loyalist/migrations/0300_segmenter.cql)."""
+"""Cassandra access for the segmenter (tables in loyalist/migrations/0300_segmenter.cql and
+0303_segmenter_outbox_by_time.cql).
+
+Two tables are queues whose handled entries are deleted: ``seg_schedule`` (clustered by due time) and
+``seg_outbox_by_time`` (clustered by creation time). Their polls read from a floor (:mod:`loyalist.queues`), past
+the tombstones of the entries already handled; for that, no writer stores a time before its own clock."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from cassandra.cluster import Session
 from cassandra.query import BatchStatement, BatchType, SimpleStatement
 
 from loyalist.cassandra import Row, execute, execute_writes, select_in
+from loyalist.queues import FloorStore, not_before
 from services.segmenter.domain.rules import EventRecord
 
 SCHEDULE_SHARDS = 16
@@ -27,6 +33,9 @@ LOGGED_BATCH_MAX_BYTES = 40 * 1024
 
 def _row_size(params: Sequence[Any]) -> int:
     return 16 + sum(len(v) + 4 if isinstance(v, bytes | str) else 12 for v in params)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -53,6 +62,8 @@ class Decided:
 
     first: list[Row]
     rows: list[Row]
+    # The next evaluation as stored (see stored_due): what a later decision passes as the previous one.
+    next_evaluation_at: datetime | None
 
 
 @dataclass
@@ -67,6 +78,24 @@ class StoredSegment:
     backfill_status: str
     backfill_done: int
     backfill_total: int
+
+
+def stored_due(due: datetime | None, now: datetime) -> datetime | None:
+    """The next evaluation time stored for one decided at ``now`` to be due at ``due``, in the schedule entry and
+    on the profile row alike (the scheduler tells the current entry from a superseded one by their equality):
+    never before the writer's clock, so a poll that already read up to ``now`` cannot miss it."""
+    return None if due is None else not_before(due, now)
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """A membership change written with its state and not yet known to be acknowledged by Kafka. ``legacy``:
+    a row of ``seg_outbox``, the table before ``seg_outbox_by_time``."""
+
+    transition_id: str
+    payload: str
+    created_at: datetime
+    legacy: bool = False
 
 
 def schedule_shard(profile_id: str) -> int:
@@ -99,12 +128,28 @@ class SegmenterStore:
             "INSERT INTO seg_memberships (profile_id, segment_id, member, changed_at, seq) VALUES (?,?,?,?,?)")
         self._put_member = p("INSERT INTO seg_members (segment_id, profile_id, since) VALUES (?,?,?)")
         self._del_member = p("DELETE FROM seg_members WHERE segment_id = ? AND profile_id = ?")
-        self._put_outbox = p("INSERT INTO seg_outbox (shard, transition_id, payload, created_at) VALUES (?,?,?,?)")
-        self._del_outbox = p("DELETE FROM seg_outbox WHERE shard = ? AND transition_id = ?")
-        self._get_outbox = p("SELECT transition_id, payload, created_at FROM seg_outbox WHERE shard = ?")
+        self._put_outbox = p("INSERT INTO seg_outbox_by_time (shard, created_at, transition_id, payload) "
+                             "VALUES (?,?,?,?)")
+        self._del_outbox = p("DELETE FROM seg_outbox_by_time WHERE shard = ? AND created_at = ? AND transition_id = ?")
+        outbox_read = "SELECT created_at, transition_id, payload FROM seg_outbox_by_time WHERE shard = ?"
+        # By (from a floor, up to a cutoff): a read without a floor is from the partition's start.
+        self._get_outbox = {
+            (False, False): p(outbox_read),
+            (True, False): p(outbox_read + " AND created_at >= ?"),
+            (False, True): p(outbox_read + " AND created_at < ?"),
+            (True, True): p(outbox_read + " AND created_at >= ? AND created_at < ?"),
+        }
+        # seg_outbox (by transition id), written before seg_outbox_by_time existed: only drained at start.
+        self._get_legacy_outbox = p("SELECT transition_id, payload, created_at FROM seg_outbox WHERE shard = ?")
+        self._del_legacy_outbox = p("DELETE FROM seg_outbox WHERE shard = ? AND transition_id = ?")
         self._put_schedule = p("INSERT INTO seg_schedule (shard, due_at, profile_id) VALUES (?,?,?)")
         self._del_schedule = p("DELETE FROM seg_schedule WHERE shard = ? AND due_at = ? AND profile_id = ?")
         self._due = p("SELECT due_at, profile_id FROM seg_schedule WHERE shard = ? AND due_at <= ? LIMIT ?")
+        self._due_since = p("SELECT due_at, profile_id FROM seg_schedule WHERE shard = ? AND due_at >= ? "
+                            "AND due_at <= ? LIMIT ?")
+        # Where the polls of the two queues start reading, kept across restarts.
+        self.schedule_floors = FloorStore(session, "seg_schedule")
+        self.outbox_floors = FloorStore(session, "seg_outbox")
         self._get_segment = p("SELECT * FROM seg_segments WHERE segment_id = ?")
         self._members_page = p("SELECT profile_id, since FROM seg_members WHERE segment_id = ? AND profile_id > ? "
                                "LIMIT ?")
@@ -156,7 +201,9 @@ class SegmenterStore:
                      changes: Sequence[tuple[str, bool, int, str, str]], at: datetime) -> Decided:
         """One customer's decided state as rows to write together (atomically when there is more than one):
         the profile row with its Kafka position and next evaluation, the new schedule entry, and the
-        membership rows plus outbox rows of ``changes`` (as :meth:`record_transitions`)."""
+        membership rows plus outbox rows of ``changes`` (as :meth:`record_transitions`). ``at`` is the
+        writer's clock: the outbox rows' creation time, and the earliest next evaluation stored."""
+        next_evaluation_at = stored_due(next_evaluation_at, at)
         rows: list[Row] = []
         for segment_id, member, seq, transition_id, payload in changes:
             rows.append((self._put_membership, (profile_id, segment_id, member, at, seq)))
@@ -164,7 +211,7 @@ class SegmenterStore:
                 rows.append((self._put_member, (segment_id, profile_id, at)))
             else:
                 rows.append((self._del_member, (segment_id, profile_id)))
-            rows.append((self._put_outbox, (OUTBOX_SHARD, transition_id, payload, at)))
+            rows.append((self._put_outbox, (OUTBOX_SHARD, at, transition_id, payload)))
         if next_evaluation_at is not None and next_evaluation_at != previous_next:
             rows.append((self._put_schedule, (schedule_shard(profile_id), next_evaluation_at, profile_id)))
         text = orjson.dumps(document).decode()
@@ -174,9 +221,9 @@ class SegmenterStore:
             # that marks the input as done is written with the rest. A crash in between only means the input
             # is decided again, against the state that is unchanged.
             rows.append((self._put_position, (partition, offset, next_evaluation_at, profile_id)))
-            return Decided([(self._put_document, (text, at, won_back_at, profile_id))], rows)
+            return Decided([(self._put_document, (text, at, won_back_at, profile_id))], rows, next_evaluation_at)
         rows.append((self._put_decided, (text, partition, offset, at, won_back_at, next_evaluation_at, profile_id)))
-        return Decided([], rows)
+        return Decided([], rows, next_evaluation_at)
 
     async def write_decided(self, decided: Sequence[Decided]) -> None:
         """Write customers' decided state: each customer's rows in one batch (logged when several, so state,
@@ -202,8 +249,9 @@ class SegmenterStore:
     def unschedule_row(self, profile_id: str, due: datetime) -> Row:
         return (self._del_schedule, (schedule_shard(profile_id), due, profile_id))
 
-    def outbox_done_row(self, transition_id: str) -> Row:
-        return (self._del_outbox, (OUTBOX_SHARD, transition_id))
+    def outbox_done_row(self, transition_id: str, created_at: datetime) -> Row:
+        """The delete of an acknowledged outbox row (``created_at``: the ``at`` it was written with)."""
+        return (self._del_outbox, (OUTBOX_SHARD, created_at, transition_id))
 
     def observation_row(self, profile_id: str, observed_at: datetime, features: dict[str, float],
                         prediction: float) -> Row:
@@ -306,8 +354,8 @@ class SegmenterStore:
 
     async def record_transitions(self, profile_id: str, changes: Sequence[tuple[str, bool, int, str, str]],
                                  at: datetime) -> None:
-        """Atomically (logged batch): the new membership state and the outbox rows of its messages.
-        ``changes`` items: (segment_id, member, seq, transition_id, payload)."""
+        """Atomically (logged batch): the new membership state and the outbox rows of its messages, created
+        ``at`` (the writer's clock). ``changes`` items: (segment_id, member, seq, transition_id, payload)."""
         batch = BatchStatement(batch_type=BatchType.LOGGED)
         for segment_id, member, seq, transition_id, payload in changes:
             batch.add(self._put_membership, (profile_id, segment_id, member, at, seq))
@@ -315,17 +363,33 @@ class SegmenterStore:
                 batch.add(self._put_member, (segment_id, profile_id, at))
             else:
                 batch.add(self._del_member, (segment_id, profile_id))
-            batch.add(self._put_outbox, (OUTBOX_SHARD, transition_id, payload, at))
+            batch.add(self._put_outbox, (OUTBOX_SHARD, at, transition_id, payload))
         await execute(self.s, batch)
 
-    async def outbox(self) -> list[dict[str, Any]]:
-        return await execute(self.s, self._get_outbox, (OUTBOX_SHARD,))
+    async def outbox(self, *, since: datetime | None = None, before: datetime | None = None) -> list[OutboxEntry]:
+        """Outbox rows created at or after ``since`` (None: from the partition's start) and before ``before``
+        (None: all), oldest first."""
+        params: list[Any] = [OUTBOX_SHARD]
+        params += [bound for bound in (since, before) if bound is not None]
+        rows = await execute(self.s, self._get_outbox[since is not None, before is not None], params)
+        return [OutboxEntry(r["transition_id"], r["payload"], _utc(r["created_at"]) or _EPOCH) for r in rows]
 
-    async def outbox_done(self, transition_id: str) -> None:
-        await execute(self.s, self._del_outbox, (OUTBOX_SHARD, transition_id))
+    async def legacy_outbox(self) -> list[OutboxEntry]:
+        """Rows left in ``seg_outbox`` by a version before ``seg_outbox_by_time``."""
+        rows = await execute(self.s, self._get_legacy_outbox, (OUTBOX_SHARD,))
+        # A row without a creation time is taken as the oldest possible (its recovery looks at all of Kafka).
+        return [OutboxEntry(r["transition_id"], r["payload"], _utc(r["created_at"]) or _EPOCH, legacy=True)
+                for r in rows]
 
-    async def outbox_done_many(self, transition_ids: Sequence[str]) -> None:
-        await execute_writes(self.s, [(self._del_outbox, (OUTBOX_SHARD, t)) for t in transition_ids])
+    async def outbox_done(self, entry: OutboxEntry) -> None:
+        if entry.legacy:
+            await execute(self.s, self._del_legacy_outbox, (OUTBOX_SHARD, entry.transition_id))
+        else:
+            await execute(self.s, self._del_outbox, (OUTBOX_SHARD, entry.created_at, entry.transition_id))
+
+    async def outbox_done_many(self, transition_ids: Sequence[str], created_at: datetime) -> None:
+        """Delete acknowledged outbox rows written together, ``created_at``."""
+        await execute_writes(self.s, [self.outbox_done_row(t, created_at) for t in transition_ids])
 
     async def members(self, segment_id: str, after: str, limit: int) -> list[dict[str, Any]]:
         return await execute(self.s, self._members_page, (segment_id, after, limit))
@@ -336,6 +400,9 @@ class SegmenterStore:
 
     # ---- the durable scheduler -------------------------------------------------------------------
     async def reschedule(self, profile_id: str, previous: datetime | None, due: datetime | None) -> None:
+        """Move a customer's schedule entry from ``previous`` (as stored) to ``due`` (as decided; stored as
+        :func:`stored_due` by this writer's clock)."""
+        due = stored_due(due, datetime.now(UTC))
         if previous == due:
             return
         shard = schedule_shard(profile_id)
@@ -345,8 +412,15 @@ class SegmenterStore:
         if previous is not None:
             await execute(self.s, self._del_schedule, (shard, previous, profile_id))
 
-    async def due(self, shard: int, now: datetime, limit: int) -> list[tuple[datetime, str]]:
-        rows = await execute(self.s, self._due, (shard, now, limit))
+    async def due(self, shard: int, now: datetime, limit: int, *, since: datetime | None = None
+                  ) -> list[tuple[datetime, str]]:
+        """Up to ``limit`` entries of ``shard`` due at ``now`` or before, from ``since`` (the shard's read floor;
+        None: from the partition's start, through the tombstones of every entry handled since the last
+        compaction purged them), earliest first."""
+        if since is None:
+            rows = await execute(self.s, self._due, (shard, now, limit))
+        else:
+            rows = await execute(self.s, self._due_since, (shard, since, now, limit))
         return [(_utc(r["due_at"]) or now, r["profile_id"]) for r in rows]
 
     async def unschedule(self, profile_id: str, due: datetime) -> None:

@@ -417,24 +417,30 @@ async def test_outbox_left_by_a_crash_is_sent_once(api: httpx.Client, segmenter:
     async with Inputs(stack_settings) as inputs:
         await inputs.changed(profile_changed(profile_document(pid, traits={"outbox": True}), event="identify"))
     existing = (await wait_for(lambda: transitions_for(stack_settings, pid, segment)))[0]
-    missing = {"profileId": pid, "segmentId": "crash-test", "segmentName": "crash test", "change": "entered",
-               "reason": "test", "at": iso(datetime.now(UTC)), "transitionId": f"crash-test:{pid}:1"}
+    missing, legacy = ({"profileId": pid, "segmentId": name, "segmentName": "crash test", "change": "entered",
+                        "reason": "test", "at": iso(datetime.now(UTC)), "transitionId": f"{name}:{pid}:1"}
+                       for name in ("crash-test", "crash-test-legacy"))
     cluster, session = connect(stack_settings, keyspace=stack_settings.keyspace)
     try:
         segmenter.kill(hard=True)
-        insert = "INSERT INTO seg_outbox (shard, transition_id, payload, created_at) VALUES (0, %s, %s, %s)"
+        insert = ("INSERT INTO seg_outbox_by_time (shard, created_at, transition_id, payload) "
+                  "VALUES (0, %s, %s, %s)")
         # a message that reached Kafka before the crash, and one that did not
         # its outbox row was written when the state changed, i.e. at the transition's "at" (before the send)
         written_at = datetime.fromisoformat(existing["at"].replace("Z", "+00:00"))
-        session.execute(insert, (existing["transitionId"], orjson.dumps(existing).decode(), written_at))
-        session.execute(insert, (missing["transitionId"], orjson.dumps(missing).decode(), datetime.now(UTC)))
+        session.execute(insert, (written_at, existing["transitionId"], orjson.dumps(existing).decode()))
+        session.execute(insert, (datetime.now(UTC), missing["transitionId"], orjson.dumps(missing).decode()))
+        # and one a version before seg_outbox_by_time left in seg_outbox
+        session.execute("INSERT INTO seg_outbox (shard, transition_id, payload, created_at) VALUES (0, %s, %s, %s)",
+                        (legacy["transitionId"], orjson.dumps(legacy).decode(), datetime.now(UTC)))
         segmenter.start()
+        assert list(session.execute("SELECT transition_id FROM seg_outbox_by_time WHERE shard = 0")) == []
         assert list(session.execute("SELECT transition_id FROM seg_outbox WHERE shard = 0")) == []
     finally:
         cluster.shutdown()
     messages = await membership_messages(stack_settings)
-    assert [m["transitionId"] for m in messages].count(missing["transitionId"]) == 1
-    assert [m["transitionId"] for m in messages].count(existing["transitionId"]) == 1
+    for message in (missing, legacy, existing):
+        assert [m["transitionId"] for m in messages].count(message["transitionId"]) == 1
 
 
 async def test_time_triggered_change_survives_a_restart(api: httpx.Client, aapi: httpx.AsyncClient,
