@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from loyalist.events import utcnow
+from loyalist.queues import not_before
 from loyalist.settings import Settings
 from services.notify.adapters import Delivered, DeliveryError
 from services.notify.adapters.email import OutgoingEmail, SmtpSender
@@ -194,7 +195,7 @@ class Notifier:
             return None if taken else "lost_race"
         # claimed or sending by someone else (or by a previous incarnation of this process)
         if row.lease_until is not None and row.lease_until > now:
-            await self.store.schedule(req.idempotency_key, row.lease_until + timedelta(milliseconds=200))
+            await self.store.schedule(req.idempotency_key, row.lease_until + timedelta(milliseconds=200), self.clock())
             return "busy"
         ambiguous = status == "sending"
         taken = await self.store.takeover(req.idempotency_key, status, row.owner, self.owner,
@@ -248,11 +249,14 @@ class Notifier:
         if isinstance(decision, Defer) and not claimed and (outcome := await self._claim_late(req, now)) is not None:
             return outcome
         if isinstance(decision, Defer):
+            # The row's due time as the schedule stores it (never before our clock): the schedule entry must not
+            # be earlier than the row's due_at, or it would fire, find the row "not_due" and be dropped.
+            until = not_before(decision.until, self.clock())
             ok = await self.store.transition(req.idempotency_key, "claimed", self.owner, "deferred", now,
-                                             due_at=decision.until, reason=decision.reason, user_id=user_id,
+                                             due_at=until, reason=decision.reason, user_id=user_id,
                                              recipient=recipient)
             if ok:
-                await self.store.schedule(req.idempotency_key, decision.until)
+                await self.store.schedule(req.idempotency_key, until, self.clock())
                 DEFERRED.labels(req.channel, decision.reason).inc()
             return "deferred" if ok else "lost_race"
 
@@ -295,7 +299,7 @@ class Notifier:
                 due = self.clock() + timedelta(seconds=delay)
                 if await self.store.transition(req.idempotency_key, "sending", self.owner, "retrying", self.clock(),
                                                due_at=due, attempts=attempts, reason=exc.reason, detail=exc.detail):
-                    await self.store.schedule(req.idempotency_key, due)
+                    await self.store.schedule(req.idempotency_key, due, self.clock())
                 return "retrying"
             finally:
                 SEND_DURATION.labels(req.channel).observe(time.perf_counter() - started)

@@ -12,11 +12,14 @@ from cassandra.cluster import Session
 from cassandra.query import BatchStatement, BatchType
 
 from loyalist.cassandra import execute
+from loyalist.queues import not_before
 from services.notify.domain.messages import ConsentRow, MessageRequest, iso
 from services.notify.domain.policy import SentRecord
 from services.notify.domain.templates import Template
 
 SCHEDULE_SHARD = 0
+# The name of the schedule's read floors in ``queue_floors`` (loyalist/queues.py).
+SCHEDULE_QUEUE = "notify_schedule"
 
 
 _LOG_COLUMNS = (
@@ -130,8 +133,13 @@ class NotifyStore:
         self._schedule_add = p("INSERT INTO notify_schedule (shard, due_at, idempotency_key) VALUES (?, ?, ?)")
         self._schedule_due = p(
             "SELECT due_at, idempotency_key FROM notify_schedule WHERE shard = ? AND due_at <= ? LIMIT ?")
+        # From a read floor: past the tombstones of the entries handled before it (loyalist/queues.py).
+        self._schedule_due_since = p(
+            "SELECT due_at, idempotency_key FROM notify_schedule WHERE shard = ? AND due_at >= ? AND due_at <= ? "
+            "LIMIT ?")
         self._schedule_del = p("DELETE FROM notify_schedule WHERE shard = ? AND due_at = ? AND idempotency_key = ?")
         self._schedule_count = p("SELECT count(*) AS n FROM notify_schedule WHERE shard = ?")
+        self._schedule_count_since = p("SELECT count(*) AS n FROM notify_schedule WHERE shard = ? AND due_at >= ?")
         self._tpl_get = p(
             "SELECT template_id, channel, name, subject, html, text, grp, sample_data, version, builtin "
             "FROM notify_templates WHERE template_id = ? AND channel = ?")
@@ -254,19 +262,33 @@ class NotifyStore:
     async def suppress(self, channel: str, address: str, reason: str, at: datetime) -> None:
         await execute(self.s, self._suppression_put, (channel, address.lower(), reason, _ts(at)))
 
-    # ---- schedule ---------------------------------------------------------------------------------------
-    async def schedule(self, key: str, due_at: datetime) -> None:
-        await execute(self.s, self._schedule_add, (SCHEDULE_SHARD, _ts(due_at), key))
+    # ---- schedule ----------------------------------------------------------------------------------------
+    async def schedule(self, key: str, due_at: datetime, now: datetime) -> datetime:
+        """Schedule ``key`` at ``due_at``, stored no earlier than the writer's ``now`` (a poll that already read
+        up to ``now`` would never find an earlier entry). Returns the due time stored."""
+        stored = not_before(due_at, now)
+        await execute(self.s, self._schedule_add, (SCHEDULE_SHARD, _ts(stored), key))
+        return stored
 
-    async def due(self, now: datetime, limit: int = 200) -> list[tuple[datetime, str]]:
-        rows = await execute(self.s, self._schedule_due, (SCHEDULE_SHARD, _ts(now), limit))
+    async def due(self, now: datetime, limit: int = 200, *,
+                  since: datetime | None = None) -> list[tuple[datetime, str]]:
+        """Entries due by ``now``, in due order; from ``since`` on (a read floor), else from the start."""
+        if since is None:
+            rows = await execute(self.s, self._schedule_due, (SCHEDULE_SHARD, _ts(now), limit))
+        else:
+            rows = await execute(self.s, self._schedule_due_since, (SCHEDULE_SHARD, _ts(since), _ts(now), limit))
         return [(r["due_at"].replace(tzinfo=UTC), r["idempotency_key"]) for r in rows]
 
     async def unschedule(self, due_at: datetime, key: str) -> None:
+        # ``due_at`` as read from the schedule: the exact key of the stored entry.
         await execute(self.s, self._schedule_del, (SCHEDULE_SHARD, _ts(due_at), key))
 
-    async def scheduled_count(self) -> int:
-        rows = await execute(self.s, self._schedule_count, (SCHEDULE_SHARD,))
+    async def scheduled_count(self, since: datetime | None = None) -> int:
+        """Entries waiting (from ``since`` on: a count from the start scans every tombstone too)."""
+        if since is None:
+            rows = await execute(self.s, self._schedule_count, (SCHEDULE_SHARD,))
+        else:
+            rows = await execute(self.s, self._schedule_count_since, (SCHEDULE_SHARD, _ts(since)))
         return int(rows[0]["n"]) if rows else 0
 
     # ---- templates --------------------------------------------------------------------------------------

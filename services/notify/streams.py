@@ -22,12 +22,14 @@ from aiokafka.errors import KafkaError
 
 from loyalist.kafka import make_consumer
 from loyalist.metrics import STREAM_DURATION, STREAM_PROCESSED
+from loyalist.queues import FloorStore, ReadFloors
 from loyalist.settings import Settings
 from loyalist.topics import MESSAGE_DLQ, MESSAGE_REQUESTS
 from services.notify.config import NotifyConfig
 from services.notify.delivery import Notifier
 from services.notify.domain.messages import InvalidRequest, MessageRequest
 from services.notify.metrics import DLQ_SIZE, SCHEDULED, SKIPPED
+from services.notify.store import SCHEDULE_QUEUE, SCHEDULE_SHARD
 
 log = logging.getLogger(__name__)
 
@@ -155,19 +157,35 @@ class _timer:
 
 
 class Scheduler:
-    """Polls the schedule for deferred sends and retries that are due and runs them through the notifier."""
+    """Polls the schedule for deferred sends and retries that are due and runs them through the notifier.
+
+    Each poll reads from the schedule's read floor (loyalist/queues.py): not through the tombstones of every
+    entry handled in the last ``gc_grace_seconds``, which would make the reads fail for good at Cassandra's
+    tombstone threshold."""
 
     def __init__(self, config: NotifyConfig, notifier: Notifier, clock: Callable[[], datetime],
-                 on_tick: Callable[[], Any] | None = None) -> None:
+                 on_tick: Callable[[], Any] | None = None, *, floor_store: FloorStore | None = None,
+                 limit: int = 200) -> None:
         self.config = config
         self.notifier = notifier
         self.clock = clock
         self.on_tick = on_tick
+        self.limit = limit
+        self.floors = ReadFloors()
+        self.floor_store = floor_store or FloorStore(notifier.store.s, SCHEDULE_QUEUE)
+        self._floors_loaded = False
         self._task: asyncio.Task[None] | None = None
         self._ticks = 0
 
     async def start(self) -> None:
+        await self.load_floors()
         self._task = asyncio.create_task(self._run(), name="notify-scheduler")
+
+    async def load_floors(self) -> None:
+        """The floors saved by earlier pollers (once): without them the first polls read from the start."""
+        if not self._floors_loaded:
+            await self.floor_store.load(self.floors)
+            self._floors_loaded = True
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -187,9 +205,20 @@ class Scheduler:
                 log.exception("scheduler tick failed")
             await asyncio.sleep(self.config.schedule_poll_s)
 
+    def read_from(self, now: datetime) -> datetime | None:
+        """Where a poll at ``now`` starts: the floor, or the start when there is none or it is later than ``now``
+        (set by a clock ahead of ours, or by ours before it was set back: entries due by ``now`` may lie below
+        it)."""
+        floor = self.floors.floor(SCHEDULE_SHARD)
+        return floor if floor is not None and floor <= now else None
+
     async def tick(self) -> int:
+        await self.load_floors()
         store = self.notifier.store
-        due = await store.due(self.clock())
+        now = self.clock()
+        due = await store.due(now, self.limit, since=self.read_from(now))
+        # The earliest entry this poll leaves in the schedule: the floor must not pass it.
+        oldest_left = due[-1][0] if len(due) >= self.limit else None
         for due_at, key in due:
             try:
                 row = await store.get(key)
@@ -206,9 +235,12 @@ class Scheduler:
             except Exception:
                 # Left in the schedule: the next tick tries again; one bad row does not hold up the others.
                 log.exception("scheduled message %s failed; will retry", key)
+                oldest_left = due_at if oldest_left is None else min(oldest_left, due_at)
+        self.floors.advance(SCHEDULE_SHARD, now, oldest_left)
+        await self.floor_store.maybe_save(SCHEDULE_SHARD, self.floors)
         self._ticks += 1
         if self._ticks % 10 == 1:
-            SCHEDULED.set(await store.scheduled_count())
+            SCHEDULED.set(await store.scheduled_count(self.read_from(self.clock())))
             if self.on_tick is not None:
                 try:
                     await self.on_tick()

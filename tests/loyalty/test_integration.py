@@ -325,11 +325,13 @@ async def test_scheduled_expiry_at_the_right_moment(
     stack_settings: Settings, store_pair: tuple[LedgerStore, LedgerStore], program_defined: dict[str, Any],
 ) -> None:
     store = store_pair[0]
-    clock_now = datetime(2021, 5, 1, tzinfo=UTC)
+    earned_at = datetime(2020, 1, 10, 9, 30, tzinfo=UTC)
+    # The orders are taken when the second one happens: the schedule never stores a due time before the clock of
+    # its writer (loyalist/queues.py), so the writer's clock must not be ahead of the runs below.
+    clock_now = earned_at + timedelta(days=40)
     service = LoyaltyService(stack_settings, LoyaltySettings(), store, ProgramStore(store.session), None,
                              lambda: clock_now)
     profile_id = f"p-{uuid.uuid4().hex[:10]}"
-    earned_at = datetime(2020, 1, 10, 9, 30, tzinfo=UTC)
     await service.handle(profile_id, CompleteOrder("m1", "o1", Decimal(80), Decimal(80), "USD", earned_at))
     await service.handle(profile_id, CompleteOrder("m2", "o2", Decimal(20), Decimal(20), "USD",
                                                    earned_at + timedelta(days=40)))

@@ -31,6 +31,7 @@ from loyalist.consumer import TimeSlice
 from loyalist.events import Event, as_utc, decode_event, encode_event
 from loyalist.kafka import produce_many
 from loyalist.metrics import KAFKA_PRODUCED
+from loyalist.queues import FloorStore, ReadFloors
 from loyalist.settings import Settings
 from loyalist.topics import EVENTS_RAW
 from services.profile.loyalty import metrics
@@ -60,7 +61,7 @@ from services.profile.loyalty.domain import (
 from services.profile.loyalty.domain.ledger import redemption_to_dict
 from services.profile.loyalty.example_program import EXAMPLE_PROGRAM
 from services.profile.loyalty.settings import LoyaltySettings
-from services.profile.loyalty.store import LedgerLine, LedgerStore, ProgramStore
+from services.profile.loyalty.store import DUE_QUEUE, LedgerLine, LedgerStore, ProgramStore
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,10 @@ Decision = tuple[Ledger, list[LedgerLine], list[tuple[str, str]], Program | None
 class _Merge:
     merged: list[str]
     at: datetime
+
+
+def _earlier(current: datetime | None, candidate: datetime) -> datetime:
+    return candidate if current is None else min(current, candidate)
 
 
 class Contended(Exception):
@@ -155,6 +160,8 @@ class LoyaltyService:
         programs: ProgramStore,
         producer: AIOKafkaProducer | None,
         clock: Callable[[], datetime],
+        *,
+        due_floor_store: FloorStore | None = None,
     ) -> None:
         self.settings = settings
         self.config = loyalty_settings
@@ -163,6 +170,11 @@ class LoyaltyService:
         self.producer = producer
         self.clock = clock
         self.raw_topic = settings.topic(EVENTS_RAW.name)
+        # Where each run of the schedule reads each shard from (loyalist/queues.py): past the tombstones of the
+        # entries earlier runs handled.
+        self.due_floors = ReadFloors()
+        self.due_floor_store = due_floor_store or FloorStore(store.session, DUE_QUEUE)
+        self._due_floors_loaded = False
 
     async def program_at(self, at: datetime) -> Program | None:
         return effective_program(await self.programs.versions(), at)
@@ -203,7 +215,7 @@ class LoyaltyService:
                     profile_id, ledger, await self.programs.versions(), commands, now, refuse=refuse)
                 if not lines:
                     if not await self.flush(profile_id, ledger.seq):
-                        await self.store.schedule(profile_id, now + _PUBLISH_RETRY)
+                        await self.store.schedule(profile_id, now + _PUBLISH_RETRY, self._writer_now(now))
                     self._count(outcomes)
                     return Outcome(ledger, program, attempts=attempt)
                 try:
@@ -301,18 +313,19 @@ class LoyaltyService:
                     await self.store.put_code(r.code, pid, r.event_id, r.reward_id, r.points, r.at)
         produced = await self._produce_many({pid: decided[pid][1] for pid in committed if pid not in behind})
         rows = []
+        writer_now = self._writer_now(now)
         for pid in committed:
             state, lines, _, program = decided[pid]
             due = self.next_due(state, program)
             if due is not None:
-                rows.append(self.store.schedule_row(pid, due))
-            if pid not in behind:
+                rows.append(self.store.schedule_row(pid, due, writer_now))
+            if pid not in behind:  # published, or due again soon: the schedule publishes them
                 rows.append(self.store.published_row(pid, lines[-1].seq) if produced
-                            else self.store.schedule_row(pid, now + _PUBLISH_RETRY))  # the schedule publishes them
+                            else self.store.schedule_row(pid, now + _PUBLISH_RETRY, writer_now))
         await self.store.write_rows(rows)
         for pid in behind:
             if not await self.flush(pid, decided[pid][0].seq):
-                await self.store.schedule(pid, now + _PUBLISH_RETRY)
+                await self.store.schedule(pid, now + _PUBLISH_RETRY, self._writer_now(now))
         return retry
 
     @staticmethod
@@ -336,14 +349,14 @@ class LoyaltyService:
 
             async def scheduled() -> None:
                 if due is not None:
-                    await self.store.schedule(profile_id, due)
+                    await self.store.schedule(profile_id, due, self._writer_now(now))
 
             # Independent writes, so one round trip for both.
             _, produced = await asyncio.gather(scheduled(), self._produce(profile_id, lines))
             if produced:
                 await self.store.mark_published(profile_id, lines[-1].seq)
-            else:
-                await self.store.schedule(profile_id, now + _PUBLISH_RETRY)  # the schedule publishes the rest
+            else:  # the schedule publishes the rest
+                await self.store.schedule(profile_id, now + _PUBLISH_RETRY, self._writer_now(now))
         except Exception:
             log.warning("post-commit work for %s failed; the outbox retries it", profile_id, exc_info=True)
 
@@ -435,7 +448,8 @@ class LoyaltyService:
             birthday = birthday_from_traits(event.traits or {})
             if birthday is not None:
                 await self.store.set_birthday(profile_id, birthday, self.clock())
-                await self.store.schedule(profile_id, next_birthday(birthday, self.clock()))
+                now = self.clock()
+                await self.store.schedule(profile_id, next_birthday(birthday, now), now)
             return None
         now = self.clock()
         if event.timestamp > now:
@@ -605,16 +619,48 @@ class LoyaltyService:
         return erased
 
     # ---- the schedule --------------------------------------------------------------------------------
+    def _writer_now(self, now: datetime) -> datetime:
+        """The time a schedule entry written now must not be due before: the later of the operation's ``now``
+        (a schedule run's, which its floors advance to) and the clock at the write (an operation retried under
+        contention can outlast the floors' slack)."""
+        return max(now, self.clock())
+
+    async def load_due_floors(self) -> None:
+        """The floors saved by every replica's runs, loaded before each run: the schedule moves between replicas
+        (the faust leader changes, the API runs it anywhere), and this one's own may be far behind, which means
+        reading through everything handled since. If loading fails, the floors already here are safe (older
+        floors only read more); without any, the run would read every shard from its start, so it fails instead."""
+        try:
+            await self.due_floor_store.load(self.due_floors)
+        except Exception:
+            if not self._due_floors_loaded:
+                raise
+            log.warning("loading the schedule's read floors failed; this run reads from the older ones", exc_info=True)
+            return
+        self._due_floors_loaded = True
+
+    def due_read_from(self, shard: int, now: datetime) -> datetime | None:
+        """Where a run at ``now`` starts reading ``shard``: its floor, or the start when there is none or it is
+        later than ``now`` (set by a clock ahead of this one, or by this one before it was set back: entries due
+        by ``now`` may lie below it)."""
+        floor = self.due_floors.floor(shard)
+        return floor if floor is not None and floor <= now else None
+
     async def run_due(self, now: datetime | None = None, *, limit: int = 500) -> int:
         """Hold every expiry and tier review due by ``now`` (and publish leftovers). Returns accounts handled.
 
         A page of due accounts at a time, through the batch path (multi-key reads, compare-and-sets in flight
-        together); an account whose compare-and-set lost is ticked alone, and one that still fails stays due."""
+        together); an account whose compare-and-set lost is ticked alone, and one that still fails stays due (for
+        the next run). Each shard is read from its floor, and each next page from where the last one ended: never
+        through the tombstones of the entries handled before."""
         now = now or self.clock()
+        await self.load_due_floors()
         handled = 0
         for shard in range(self.store.due_shards):
+            since = self.due_read_from(shard, now)
+            oldest_left: datetime | None = None  # the earliest entry this run leaves in the shard
             while True:
-                rows = await self.store.due(shard, now, limit)
+                rows = await self.store.due(shard, now, limit, since=since)
                 if not rows:
                     break
                 pids = list(dict.fromkeys(pid for _, pid in rows))
@@ -624,6 +670,7 @@ class LoyaltyService:
                     retry = await self.commit_stream_batch({pid: [Tick(birthdays.get(pid))] for pid in pids}, now=now)
                 except Exception:
                     log.exception("scheduled ticks of %d accounts failed; they stay due", len(pids))
+                    oldest_left = _earlier(oldest_left, rows[0][0])
                     break  # the next run tries this page again
                 for pid in retry:
                     try:
@@ -631,14 +678,23 @@ class LoyaltyService:
                     except Exception:
                         log.exception("scheduled tick of %s failed; it stays due", pid)
                         failed.add(pid)
-                writes = [self.store.schedule_row(pid, next_birthday(birthday, now))
+                writer_now = self._writer_now(now)
+                writes = [self.store.schedule_row(pid, next_birthday(birthday, now), writer_now)
                           for pid, birthday in birthdays.items() if birthday is not None and pid not in failed]
                 writes += [self.store.unschedule_row(shard, due_at, pid) for due_at, pid in rows if pid not in failed]
                 await self.store.write_rows(writes)
+                left = [due_at for due_at, pid in rows if pid in failed]  # in due order
+                if left:
+                    oldest_left = _earlier(oldest_left, left[0])
                 done = len(pids) - len(failed)
                 handled += done
-                if len(rows) < limit or done == 0:  # a page of failures waits for the next run
+                # A page of failures waits for the next run, and so does what lies beyond it (the page's first
+                # entry, left, already holds the floor below them).
+                if len(rows) < limit or done == 0:
                     break
+                since = rows[-1][0]  # the next page starts where this one ended, past its tombstones
+            self.due_floors.advance(shard, now, oldest_left)
+            await self.due_floor_store.maybe_save(shard, self.due_floors)
         return handled
 
     async def bootstrap_program(self, source: str) -> Program | None:

@@ -13,7 +13,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -21,12 +21,13 @@ from cassandra.cluster import Session
 from cassandra.query import BatchStatement, BatchType
 
 from loyalist.cassandra import Row, execute, execute_writes, select_in
+from loyalist.queues import not_before
 from services.profile.loyalty.domain import Ledger, LedgerEvent, Program, ProgramDefinition
 from services.profile.loyalty.domain.ledger import event_from_dict, event_to_dict, ledger_from_dict, ledger_to_dict
 
 PROGRAM_ID = "default"
-
-
+# The name of the schedule's read floors in ``queue_floors`` (loyalist/queues.py).
+DUE_QUEUE = "loyalty_due"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,9 @@ class LedgerStore:
         self._mark_published = p("UPDATE loyalty_published SET seq = ? WHERE profile_id = ?")
         self._schedule = p("INSERT INTO loyalty_due (shard, due_at, profile_id) VALUES (?, ?, ?)")
         self._due = p("SELECT due_at, profile_id FROM loyalty_due WHERE shard = ? AND due_at <= ? LIMIT ?")
+        # From a read floor: past the tombstones of the entries handled before it (loyalist/queues.py).
+        self._due_since = p(
+            "SELECT due_at, profile_id FROM loyalty_due WHERE shard = ? AND due_at >= ? AND due_at <= ? LIMIT ?")
         self._unschedule = p("DELETE FROM loyalty_due WHERE shard = ? AND due_at = ? AND profile_id = ?")
         self._put_code = p(
             "INSERT INTO loyalty_codes (code, profile_id, event_id, reward_id, points, issued_at) "
@@ -117,8 +121,10 @@ class LedgerStore:
                 seqs[row["profile_id"]] = int(row["seq"])
         return {pid: seqs.get(pid, 0) for pid in profile_ids}
 
-    def schedule_row(self, profile_id: str, due_at: datetime) -> Row:
-        return self._schedule, (self.shard(profile_id), due_at, profile_id)
+    def schedule_row(self, profile_id: str, due_at: datetime, now: datetime) -> Row:
+        """The schedule entry of ``profile_id`` at ``due_at``, no earlier than the writer's ``now`` (a poll that
+        already read up to ``now`` would never find an earlier entry)."""
+        return self._schedule, (self.shard(profile_id), not_before(due_at, now), profile_id)
 
     def published_row(self, profile_id: str, seq: int) -> Row:
         return self._mark_published, (seq, profile_id)
@@ -173,14 +179,23 @@ class LedgerStore:
     def shard(self, profile_id: str) -> int:
         return zlib.crc32(profile_id.encode()) % self.due_shards
 
-    async def schedule(self, profile_id: str, due_at: datetime) -> None:
-        await execute(self.session, self._schedule, (self.shard(profile_id), due_at, profile_id))
+    async def schedule(self, profile_id: str, due_at: datetime, now: datetime) -> None:
+        statement, params = self.schedule_row(profile_id, due_at, now)
+        await execute(self.session, statement, params)
 
-    async def due(self, shard: int, until: datetime, limit: int) -> list[tuple[datetime, str]]:
-        rows = await execute(self.session, self._due, (shard, until, limit))
-        return [(r["due_at"], r["profile_id"]) for r in rows]
+    async def due(self, shard: int, until: datetime, limit: int, *,
+                  since: datetime | None = None) -> list[tuple[datetime, str]]:
+        """Entries of ``shard`` due by ``until``, in due order; from ``since`` on (a read floor), else from the
+        start."""
+        if since is None:
+            rows = await execute(self.session, self._due, (shard, until, limit))
+        else:
+            rows = await execute(self.session, self._due_since, (shard, since, until, limit))
+        # The driver reads timestamps back naive (UTC).
+        return [(r["due_at"].replace(tzinfo=UTC), r["profile_id"]) for r in rows]
 
     async def unschedule(self, shard: int, due_at: datetime, profile_id: str) -> None:
+        # ``due_at`` as read from the schedule: the exact key of the stored entry.
         await execute(self.session, self._unschedule, (shard, due_at, profile_id))
 
     async def put_code(self, code: str, profile_id: str, event_id: str, reward_id: str, points: int,
