@@ -94,6 +94,19 @@ def stack_settings() -> Iterator[Settings]:
         stop()
 
 
+@pytest.fixture(scope="module")
+def cassandra_session(stack_settings: Settings) -> Iterator[Any]:
+    """A driver session on the test session's keyspace, for a test module that reads or writes Cassandra
+    directly."""
+    from loyalist.cassandra import connect
+
+    cluster, session = connect(stack_settings, keyspace=stack_settings.keyspace)
+    try:
+        yield session
+    finally:
+        cluster.shutdown()
+
+
 @pytest.fixture(scope="session")
 def api_headers(stack_settings: Settings) -> dict[str, str]:
     return {"Authorization": f"Bearer {stack_settings.dev_api_token}"}

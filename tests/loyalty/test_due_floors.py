@@ -11,20 +11,19 @@ service of the test session)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
 from cassandra.cluster import Session
 
-from loyalist.cassandra import connect, execute
+from loyalist.cassandra import execute
 from loyalist.queues import DEFAULT_SLACK, FloorStore
 from loyalist.settings import Settings
 from services.profile.loyalty.service import LoyaltyService
 from services.profile.loyalty.settings import LoyaltySettings
 from services.profile.loyalty.store import DUE_QUEUE, LedgerStore, ProgramStore
-from tests.notify.traced_reads import TracedReads, tombstones_read, traced_tombstones
+from tests.cassandra_traces import TracedReads, tombstones_read, traced_tombstones
 
 pytestmark = pytest.mark.integration
 
@@ -40,12 +39,8 @@ class Clock:
 
 
 @pytest.fixture(scope="module")
-def session(stack_settings: Settings) -> Iterator[Session]:
-    cluster, session = connect(stack_settings, keyspace=stack_settings.keyspace)
-    try:
-        yield session
-    finally:
-        cluster.shutdown()
+def session(cassandra_session: Session) -> Session:
+    return cassandra_session
 
 
 @pytest.fixture

@@ -10,23 +10,21 @@ with a notifier stand-in that records what it was handed, and floors under a que
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
 import pytest
 from cassandra.cluster import Session
 
-from loyalist.cassandra import connect, execute
+from loyalist.cassandra import execute
 from loyalist.queues import DEFAULT_SLACK, FloorStore
-from loyalist.settings import Settings
 from services.notify.config import NotifyConfig
 from services.notify.delivery import Notifier
 from services.notify.domain.messages import MessageRequest
 from services.notify.store import SCHEDULE_QUEUE, SCHEDULE_SHARD, NotifyStore
 from services.notify.streams import Scheduler
+from tests.cassandra_traces import TracedReads, tombstones_read, traced_tombstones
 from tests.notify.conftest import request_doc
-from tests.notify.traced_reads import TracedReads, tombstones_read, traced_tombstones
 
 pytestmark = pytest.mark.integration
 
@@ -59,12 +57,8 @@ class RecordingNotifier:
 
 
 @pytest.fixture(scope="module")
-def session(stack_settings: Settings) -> Iterator[Session]:
-    cluster, session = connect(stack_settings, keyspace=stack_settings.keyspace)
-    try:
-        yield session
-    finally:
-        cluster.shutdown()
+def session(cassandra_session: Session) -> Session:
+    return cassandra_session
 
 
 @pytest.fixture

@@ -12,20 +12,9 @@ from loyalist.cassandra import connect
 from loyalist.settings import Settings
 from services.profile.domain.profile import new_state
 from services.profile.store import ProfileStore
+from tests.cassandra_traces import traced_tombstones
 
 pytestmark = pytest.mark.integration
-
-
-def tombstones_read(session: object, query: str, params: tuple[object, ...]) -> int:
-    """Tombstone cells Cassandra reports having read for ``query`` (from its trace)."""
-    import re
-
-    result = session.execute(query, params, trace=True)  # type: ignore[attr-defined]
-    trace = result.get_query_trace(max_wait_sec=10)
-    found = [int(m.group(1)) for e in trace.events
-             if (m := re.search(r"Read \d+ live rows and (\d+) tombstone cells", e.description))]
-    assert found, [e.description for e in trace.events]
-    return sum(found)
 
 
 def test_a_snapshot_of_an_unmerged_profile_writes_no_tombstone(stack_settings: Settings) -> None:
@@ -47,6 +36,6 @@ def test_a_snapshot_of_an_unmerged_profile_writes_no_tombstone(stack_settings: S
         assert row["document"] is not None and row["merged_into"] is None
         assert session.execute(query, (merged,)).one()["merged_into"] == pid
         # Writing merged_into as null would leave one tombstone cell per write for every read to go through.
-        assert tombstones_read(session, query, (pid,)) == 0
+        assert traced_tombstones(session, query, (pid,)) == 0
     finally:
         cluster.shutdown()

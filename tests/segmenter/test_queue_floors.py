@@ -29,6 +29,7 @@ from loyalist.settings import Settings
 from services.segmenter.config import SegmenterConfig
 from services.segmenter.engine import OUTBOX_STUCK_S, SegmenterEngine
 from services.segmenter.store import SCHEDULE_SHARDS, SegmenterStore, schedule_shard
+from tests.cassandra_traces import traced_tombstones
 from tests.segmenter.test_service import iso, membership_messages
 
 pytestmark = pytest.mark.integration
@@ -98,10 +99,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[Read]:
 
 def tombstones_scanned(session: Session, read: Read) -> int:
     """The tombstone cells Cassandra scans to answer ``read`` again (from the query's trace)."""
-    result = session.execute(read.statement, read.params, trace=True)
-    trace = result.get_query_trace(max_wait_sec=10)
-    found = [re.search(r"Read \d+ live rows and (\d+) tombstone cells", e.description) for e in trace.events]
-    return sum(int(m.group(1)) for m in found if m)
+    return traced_tombstones(session, read.statement, read.params)
 
 
 def schedule_reads(reads: Sequence[Read], shard: int) -> list[Read]:

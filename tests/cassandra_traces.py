@@ -1,7 +1,8 @@
 """Counting the tombstones a queue poll reads: a Cassandra session wrapper that runs one kind of SELECT with
 tracing, and the sum of what the traces report (``Read N live rows and M tombstone cells``).
 
-Shared by the read-floor tests of notify's schedule and loyalty's due index."""
+Shared by the tests that check what a read goes through: the read floors of the queues (segmenter, notify,
+loyalty) and the profile snapshots."""
 
 from __future__ import annotations
 
@@ -57,8 +58,7 @@ async def tombstones_read(futures: Sequence[ResponseFuture]) -> int:
     return sum(counts)
 
 
-def traced_tombstones(session: Session, query: str, params: Sequence[Any]) -> int:
-    """The tombstone cells one traced run of ``query`` goes through (the control: what a read from the
-    partition's start sees)."""
+def traced_tombstones(session: Session, query: Any, params: Sequence[Any]) -> int:
+    """The tombstone cells one traced run of ``query`` (CQL or a prepared statement) goes through."""
     result = session.execute(query, params, trace=True)
     return _tombstones(result.response_future)
