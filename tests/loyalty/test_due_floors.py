@@ -24,18 +24,11 @@ from services.profile.loyalty.service import LoyaltyService
 from services.profile.loyalty.settings import LoyaltySettings
 from services.profile.loyalty.store import DUE_QUEUE, LedgerStore, ProgramStore
 from tests.cassandra_traces import TracedReads, tombstones_read, traced_tombstones
+from tests.clocks import SettableClock as Clock
 
 pytestmark = pytest.mark.integration
 
 POLL_PREFIX = "SELECT due_at, profile_id FROM loyalty_due"
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture(scope="module")

@@ -24,19 +24,12 @@ from services.notify.domain.messages import MessageRequest
 from services.notify.store import SCHEDULE_QUEUE, SCHEDULE_SHARD, NotifyStore
 from services.notify.streams import Scheduler
 from tests.cassandra_traces import TracedReads, tombstones_read, traced_tombstones
+from tests.clocks import SettableClock as Clock
 from tests.notify.conftest import request_doc
 
 pytestmark = pytest.mark.integration
 
 POLL_PREFIX = "SELECT due_at, idempotency_key FROM notify_schedule"
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 class RecordingNotifier:
