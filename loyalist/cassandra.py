@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,6 +52,9 @@ def make_cluster(settings: Settings, *, request_timeout_s: float = 15) -> Cluste
         # TCP already checksums the bytes. Cassandra 5.0 speaks both.
         protocol_version=4,
         connect_timeout=10,
+        # The driver leaves Nagle's algorithm on. Requests share a connection, so a request written while an
+        # earlier one is still unacknowledged waits for that ACK, which the node may delay by up to 40 ms.
+        sockopts=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
     )
 
 

@@ -54,6 +54,23 @@ async def test_cassandra_migrations_and_async_execute(stack_settings: Settings) 
         cluster.shutdown()
 
 
+def test_cassandra_connections_send_without_nagle_delay(stack_settings: Settings) -> None:
+    """Every driver connection (control and request pools) has TCP_NODELAY: with Nagle's algorithm on, a request
+    written while an earlier one on the same connection is unacknowledged waits for the node's (delayed) ACK."""
+    import socket
+
+    cluster, session = connect(stack_settings, keyspace=stack_settings.keyspace)
+    try:
+        session.execute("SELECT version FROM schema_migrations LIMIT 1")
+        sockets = [cluster.control_connection._connection._socket]
+        for pool in session.get_pools():
+            sockets.append(pool._connection._socket)
+        assert len(sockets) >= 2
+        assert [s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets] == [1] * len(sockets)
+    finally:
+        cluster.shutdown()
+
+
 def test_a_single_node_keyspace_purges_tombstones_and_paxos_state_after_3_hours(stack_settings: Settings) -> None:
     from loyalist.cassandra import migrate
 
