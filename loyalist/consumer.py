@@ -68,6 +68,7 @@ class BatchConsumer:
         self.stage = stage
         self.max_records = max_records
         self.poll_ms = poll_ms
+        self._min_interval_s = settings.consumer_min_batch_interval_ms / 1000
         self.on_revoked = on_revoked
         self.on_assigned = on_assigned
         self._consumer_options: dict[str, Any] = {
@@ -213,6 +214,12 @@ class BatchConsumer:
             # stop() wait for it.
             await self._settle_commit()
             self._commit_task = asyncio.create_task(self._commit(self._take_pending()))
+            if self._min_interval_s:
+                # Batches come at most this often: a stage that is quicker than its input would otherwise take
+                # a few records at a time, and every batch has a cost of its own (fetch, round trips, commit).
+                rest = self._min_interval_s - (time.perf_counter() - started)
+                if rest > 0:
+                    await asyncio.sleep(rest)
 
 
 def record_values(records: Sequence[Any]) -> list[bytes]:
