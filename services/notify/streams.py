@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime
@@ -77,6 +78,7 @@ class RequestConsumer:
                 continue
             if not batches:
                 continue
+            started = time.perf_counter()
             try:
                 await self._process(batches)
             except asyncio.CancelledError:
@@ -94,6 +96,10 @@ class RequestConsumer:
                 # Not committed (the broker is restarting, or the partitions moved on): the requests are delivered
                 # again and find their recorded outcomes in the delivery log; a later commit covers them.
                 log.warning("offsets of message requests not committed (%s); they will be seen again", exc)
+            # Paced as the other stream stages (loyalist.consumer.BatchConsumer): at most one batch per interval.
+            rest = self.settings.consumer_min_batch_interval_ms / 1000 - (time.perf_counter() - started)
+            if rest > 0:
+                await asyncio.sleep(rest)
 
     async def _process(self, batches: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
         # One customer's requests in order (caps see the previous send); different customers concurrently.
@@ -146,13 +152,9 @@ class RequestConsumer:
 
 class _timer:
     def __enter__(self) -> None:
-        import time
-
         self.started = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
-        import time
-
         STREAM_DURATION.labels("notify", "message_requests").observe(time.perf_counter() - self.started)
 
 
