@@ -9,6 +9,8 @@ never disturbed; Cassandra and Redis are the shared ones, isolated by the test n
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -92,7 +94,7 @@ async def test_broker_killed_mid_stream_loses_nothing_acknowledged(
         kafka_env = {"LOYALIST_KAFKA_PORT": str(private.kafka_port),
                      "LOYALIST_KAFKA_CONTROLLER_PORT": str(private.kafka_controller_port)}
         ingest = start_service("ingest", **kafka_env)
-        profile = start_service("profile", **kafka_env)
+        profile = start_service("profile", LOYALIST_LOG_LEVEL="INFO", **kafka_env)
         acked: dict[str, str] = {}
         failed: dict[str, str] = {}
         async with httpx.AsyncClient(base_url=ingest.url, auth=(private.dev_write_key, ""), timeout=15) as client:
@@ -144,6 +146,20 @@ async def test_broker_killed_mid_stream_loses_nothing_acknowledged(
                 if seen == expected:
                     break
                 await asyncio.sleep(1)
-        assert seen == expected, {u: (seen.get(u), n) for u, n in expected.items() if seen.get(u) != n}
+        if seen != expected and profile.proc is not None:
+            # Where the profile worker's tasks wait (its SIGUSR1 handler logs them), for the failure message.
+            os.kill(profile.proc.pid, signal.SIGUSR1)
+            await asyncio.sleep(1)
+        assert seen == expected, (
+            {u: (seen.get(u), n) for u, n in expected.items() if seen.get(u) != n},
+            _tail(profile.log_path, "task dump on SIGUSR1"))
     finally:
         await asyncio.to_thread(stack.down, ["kafka"])
+
+
+def _tail(log_path: Path, marker: str, lines: int = 150) -> str:
+    """The log from its last ``marker`` line on (or its last lines), without the per-fetch connection errors."""
+    text = log_path.read_text(errors="replace").splitlines()
+    start = max((i for i, line in enumerate(text) if marker in line), default=max(0, len(text) - lines))
+    kept = [line for line in text[start:] if "Unable connect" not in line and "Failed fetch" not in line]
+    return "\n".join(kept[:lines])
