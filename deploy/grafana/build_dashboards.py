@@ -257,7 +257,9 @@ def segments() -> dict[str, Any]:
 
 def journeys() -> dict[str, Any]:
     return dashboard("loyalist-journeys", "Loyalist / Journeys", "Journey instances, triggers and messages.", [
-        Panel("Instances by state", [("sum by (state) (loyalist_journey_instances)", "{{state}}")],
+        # One worker publishes these gauges; max per journey keeps a rebalance's brief overlap from counting twice.
+        Panel("Instances by state", [("sum by (state) (max by (journey, state) (loyalist_journey_instances))",
+                                      "{{state}}")],
               "Instances per state across journeys (from stored instance states).", "short", stack=True),
         Panel("Instances entered by journey", [(rate("loyalist_journey_instances_entered_total", "journey"),
                                                 "{{journey}}")],
@@ -270,7 +272,7 @@ def journeys() -> dict[str, Any]:
               "Triggering event accepted by ingest to message request acknowledged by Kafka.", "s"),
         Panel("Engine inputs by outcome", [(rate("loyalist_journey_triggers_total", "outcome"), "{{outcome}}")],
               "Records consumed by the journey engine.", "ops", stack=True),
-        Panel("Instances by journey and state", [("sum by (journey, state) (loyalist_journey_instances)",
+        Panel("Instances by journey and state", [("max by (journey, state) (loyalist_journey_instances)",
                                                   "{{journey}} {{state}}")],
               "Where the customers are, per journey.", "short"),
         Panel("Exits by reason", [(rate("loyalist_journey_exits_total", "reason"), "{{reason}}")],

@@ -14,8 +14,7 @@ from loyalist.service import Resources, watch_consumers
 from loyalist.settings import Settings
 from loyalist.topics import JOURNEY_TIMERS
 from services.journeys.api import backtest_router, journeys_router
-from services.journeys.domain.stats import summarize
-from services.journeys.gauges import publish_stats
+from services.journeys.gauges import refresh_gauges_forever
 from services.journeys.history import EventHistory
 from services.journeys.runner import JourneyRunner, Registry
 from services.journeys.store import InstanceStore, JourneyStore, TimerStore
@@ -68,17 +67,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.event_history = EventHistory(resources.session, settings.keyspace)
         background["poller"] = poller
 
-        async def refresh_gauges() -> None:
-            while True:
-                await asyncio.sleep(STATS_REFRESH_S)
-                try:
-                    for row in list(registry.journeys.values()):
-                        if row.status == "active":
-                            publish_stats(row.journey_id, summarize(await instance_store.for_journey(row.journey_id)))
-                except Exception:
-                    log.exception("refreshing journey gauges")
-
-        background["gauges"] = asyncio.create_task(refresh_gauges(), name="journey-gauges")
+        refresh_gauges = refresh_gauges_forever(
+            # The worker holding partition 0 of the timers topic publishes the journey gauges.
+            publishes=lambda: 0 in consumer.owned(timers_topic),
+            active_journeys=lambda: [r.journey_id for r in registry.journeys.values() if r.status == "active"],
+            states_for_journey=instance_store.states_for_journey, every_s=STATS_REFRESH_S)
+        background["gauges"] = asyncio.create_task(refresh_gauges, name="journey-gauges")
 
     async def on_stop(resources: Resources, app: FastAPI) -> None:
         await consumer.stop()

@@ -178,9 +178,14 @@ class InstanceStore:
         await execute_writes(self.s, rows)
 
     async def for_journey(self, journey_id: str) -> list[Instance]:
+        return [instance_from_doc(orjson.loads(state)) for state in await self.states_for_journey(journey_id)]
+
+    async def states_for_journey(self, journey_id: str) -> list[str]:
+        """Every instance of a journey as its stored JSON state, undecoded (decoding many is CPU work a caller
+        may want off the event loop)."""
         pages = await asyncio.gather(*(execute(self.s, self._scan_bucket, (journey_id, b))
                                        for b in range(INSTANCE_BUCKETS)))
-        return [instance_from_doc(orjson.loads(r["state"])) for rows in pages for r in rows]
+        return [r["state"] for rows in pages for r in rows]
 
 
 @dataclass(frozen=True, slots=True)
