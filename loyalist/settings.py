@@ -44,8 +44,9 @@ class Settings(BaseSettings):
     kafka_partitions: int = 6
     # A stream stage takes a batch at most this often (0: as soon as records are there). Quicker than its input,
     # a stage would take a few records at a time, and each batch costs a fetch, round trips and a commit: at
-    # 1,000 events/s on 2 cores, 50 ms cut the machine's busy share from 95-98% to 77% (funnel mix) and 97-99%
-    # to 94% (stress mix); 25 ms saved nothing, 100 ms added more latency than it saved (docs/operations.md).
+    # 1,000 events/s on 2 cores, 50 ms cut the machine's busy share from 95% to 77% (funnel mix) and 96% to 94%
+    # (stress mix), one run each; 25 ms saved nothing, 100 ms added more latency than it saved
+    # (docs/operations.md, "Stream batch pacing").
     consumer_min_batch_interval_ms: int = Field(default=50, ge=0, le=1000)
     cassandra_hosts: str = "127.0.0.1"
     cassandra_port: int = 9042
