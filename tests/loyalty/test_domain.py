@@ -382,6 +382,15 @@ def test_commands_from_canonical_events() -> None:
     assert isinstance(review, RecordAction) and review.key_value == "sku9"
     assert command_for(_event("Product Viewed", {}), prog) is None
     assert command_for(_event("Order Completed", {"revenue": 10}), prog) is None  # no order id
+    order = command_for(_event("Order Completed", {"order_id": "o2", "total": "27.5", "tax": 2.5, "shipping": 5,
+                                                   "currency": "eur"}), prog)
+    assert isinstance(order, CompleteOrder)
+    assert (order.order_id, order.net_revenue, order.gross_total, order.currency) == (
+        "o2", Decimal("20.0"), Decimal("27.5"), "EUR")
+    # No program in effect: an order earns nothing (decide would return no events), so it is no command and the
+    # stream path reads no ledger for it. A refund or cancellation still claws back what an earlier program gave.
+    assert command_for(_event("Order Completed", {"order_id": "o1", "revenue": 10}), None) is None
+    assert isinstance(command_for(_event("Order Refunded", {"order_id": "o1", "total": "5"}), None), RefundOrder)
     # Loyalty's own events coming back through events.resolved never become commands.
     assert command_for(_event("Points Earned", {"points": 5}, source="loyalty"), prog) is None
     assert command_for(_event("Order Completed", {"order_id": "o1", "revenue": 1}, source="loyalty"), prog) is None

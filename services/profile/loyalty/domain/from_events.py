@@ -5,10 +5,9 @@
 >>> t = datetime(2024, 5, 1, tzinfo=UTC)
 >>> e = Event(type="track", event="Order Completed", message_id="m1", timestamp=t, received_at=t, user_id="u1",
 ...           properties={"order_id": "o1", "total": "27.5", "tax": 2.5, "shipping": 5, "currency": "eur"})
->>> c = command_for(e, None)
->>> c.order_id, c.net_revenue, c.gross_total, c.currency, c.at == t
-('o1', Decimal('20.0'), Decimal('27.5'), 'EUR', True)
->>> command_for(e.model_copy(update={"source": "loyalty"}), None) is None
+>>> net_and_gross(e.properties)  # net of tax and shipping, as the order earns points
+(Decimal('20.0'), Decimal('27.5'))
+>>> command_for(e, None) is None  # with no program in effect an order earns nothing: no command
 True
 """
 
@@ -100,6 +99,10 @@ def command_for(event: Event, program: Program | None) -> Command | None:
     currency = props.get("currency")
     currency = str(currency).upper() if isinstance(currency, str) and currency else None
     if name == "Order Completed":
+        if program is None:
+            # Nothing to earn with no program in effect (decide would return no events): the stream path then
+            # reads no ledger for it, so a shop without a loyalty program pays nothing per order.
+            return None
         order_id, amounts = _order_id(props), net_and_gross(props)
         if order_id is None or amounts is None:
             return None
