@@ -5,8 +5,9 @@ machinery (events, processors, acks) costs more CPU than the work itself at thou
 batch is whatever ``getmany`` has buffered — one record under light load (low latency), thousands when the
 stage falls behind (high throughput) — and it goes to the handler in one call.
 
-At-least-once: a failed batch is rewound and retried, and offsets are committed only after the handler returned,
-so every effect of the handler must be idempotent. When partitions move to another worker, ``on_revoked`` runs
+At-least-once: a failed batch is rewound and retried, and offsets are committed only after the handler returned
+(at most every ``LOYALIST_CONSUMER_COMMIT_INTERVAL_MS`` while records keep coming, at once when they stop), so
+every effect of the handler must be idempotent. When partitions move to another worker, ``on_revoked`` runs
 after the batch in hand finished, so cached state of the lost partitions can be dropped before anyone else
 writes it.
 """
@@ -69,6 +70,8 @@ class BatchConsumer:
         self.max_records = max_records
         self.poll_ms = poll_ms
         self._min_interval_s = settings.consumer_min_batch_interval_ms / 1000
+        self._commit_interval_s = settings.consumer_commit_interval_ms / 1000
+        self._committed_at = 0.0  # when the last commit was started (time.monotonic())
         self.on_revoked = on_revoked
         self.on_assigned = on_assigned
         self._consumer_options: dict[str, Any] = {
@@ -122,7 +125,7 @@ class BatchConsumer:
             except (asyncio.CancelledError, Exception):
                 pass
         if self._consumer is not None:
-            await self._settle_commit()
+            await self._commit_pending()
             await self._consumer.stop()
 
     def backlog(self) -> int:
@@ -144,6 +147,20 @@ class BatchConsumer:
         result = hook(partitions)
         if result is not None:
             await result
+
+    def _commit_in_background(self) -> None:
+        """Commit what was processed while the next batch is fetched and handled: one round trip less per batch.
+        One commit at a time, in order (a commit still in flight is chained before this one); a rebalance and
+        stop() wait for it."""
+        previous, pending = self._commit_task, self._take_pending()
+        self._committed_at = time.monotonic()
+
+        async def commit() -> None:
+            if previous is not None:
+                await previous
+            await self._commit(pending)
+
+        self._commit_task = asyncio.create_task(commit())
 
     async def _commit_pending(self) -> None:
         """Commit every processed offset now (after the commit in flight, if any)."""
@@ -182,6 +199,8 @@ class BatchConsumer:
                 await asyncio.sleep(1.0)
                 continue
             if not batches:
+                if self._pending:
+                    self._commit_in_background()  # the input ran dry: what was processed is committed now
                 continue
             records = [r for rs in batches.values() for r in rs]
             started = time.perf_counter()
@@ -209,11 +228,10 @@ class BatchConsumer:
             self.records += len(records)
             self._sizes.observe(len(records))
             self._durations.observe(time.perf_counter() - started)
-            # The commit of a batch's offsets (made after all its effects) runs while the next batch is fetched
-            # and processed: one round trip less per batch. One commit at a time, in order; a rebalance and
-            # stop() wait for it.
-            await self._settle_commit()
-            self._commit_task = asyncio.create_task(self._commit(self._take_pending()))
+            # Offsets are committed at most every commit interval while records keep coming (and at once when
+            # the input runs dry, a rebalance or stop()), each commit covering only finished effects.
+            if time.monotonic() - self._committed_at >= self._commit_interval_s:
+                self._commit_in_background()
             if self._min_interval_s:
                 # Batches come at most this often: a stage that is quicker than its input would otherwise take
                 # a few records at a time, and every batch has a cost of its own (fetch, round trips, commit).

@@ -8,12 +8,42 @@ milliseconds while finding almost nothing to free.
 from __future__ import annotations
 
 import gc
+import time
+from typing import Any
+
+from prometheus_client import Histogram
+
+GC_PAUSE = Histogram(
+    "loyalist_gc_pause_seconds", "Time the process stood still in one garbage collection, by generation",
+    ["generation"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
 
 # Young-generation threshold: a request's or a batch's short-lived objects are mostly freed by reference counting
 # before a collection promotes them. With CPython's 700 they were promoted, and every promoted object brings the
 # next full collection closer: the profile service ran one every ~2 s during a steady 1,000 events/s, each
 # walking its whole cache of profiles (100-430 ms); with 20,000 none ran in the same 20 s.
 GC_GEN0_THRESHOLD = 20_000
+
+
+class _PauseTimer:
+    """A ``gc.callbacks`` entry timing each collection: a full collection stops the process (its event loop, its
+    API) for as long as it walks the heap, which no other metric shows."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.observe = [GC_PAUSE.labels(str(g)).observe for g in range(3)]
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            self.observe[info["generation"]](time.perf_counter() - self.started)
+
+
+def time_pauses() -> None:
+    """Time every collection into ``loyalist_gc_pause_seconds`` (once per process)."""
+    if not any(isinstance(cb, _PauseTimer) for cb in gc.callbacks):
+        gc.callbacks.append(_PauseTimer())
 
 
 def settle_heap() -> None:
@@ -32,3 +62,4 @@ def settle_heap() -> None:
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+    time_pauses()

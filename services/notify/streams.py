@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from loyalist.kafka import make_consumer
@@ -35,6 +35,21 @@ from services.notify.store import SCHEDULE_QUEUE, SCHEDULE_SHARD
 log = logging.getLogger(__name__)
 
 
+class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Partitions moving away: the batch in hand finishes and its offsets are committed first, so the next owner
+    starts after it."""
+
+    def __init__(self, owner: RequestConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self.owner.busy:
+            await self.owner.commit_pending()
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        return None
+
+
 class RequestConsumer:
     def __init__(self, settings: Settings, config: NotifyConfig, notifier: Notifier, *, instance_id: str) -> None:
         self.settings = settings
@@ -42,13 +57,20 @@ class RequestConsumer:
         self.notifier = notifier
         self.topic = settings.topic(MESSAGE_REQUESTS.name)
         self.consumer: AIOKafkaConsumer = make_consumer(
-            settings, self.topic, group_id=f"{settings.namespace}-notify", client_id=f"notify-{instance_id}",
+            settings, group_id=f"{settings.namespace}-notify", client_id=f"notify-{instance_id}",
             group_instance_id=instance_id, session_timeout_ms=config.session_timeout_ms,
             heartbeat_interval_ms=max(1000, config.session_timeout_ms // 4), max_poll_records=config.batch_size,
         )
+        self.consumer.subscribe([self.topic], listener=_CommitOnRevoke(self))
         self._limit = asyncio.Semaphore(config.concurrency)
         self._task: asyncio.Task[None] | None = None
         self.processed = 0
+        # Offsets of requests with a recorded outcome, not committed yet: committed at most every
+        # LOYALIST_CONSUMER_COMMIT_INTERVAL_MS while requests keep coming, at once when they stop, before partitions
+        # move away and on stop (a request seen again finds its outcome in the delivery log either way).
+        self.busy = asyncio.Lock()
+        self._pending: dict[TopicPartition, int] = {}
+        self._committed_at = 0.0
 
     async def start(self) -> None:
         await self.consumer.start()
@@ -65,7 +87,20 @@ class RequestConsumer:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
+        await self.commit_pending()
         await self.consumer.stop()
+
+    async def commit_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        self._committed_at = time.monotonic()
+        if not pending:
+            return
+        try:
+            await self.consumer.commit(pending)
+        except KafkaError as exc:
+            # Not committed (the broker is restarting, or the partitions moved on): the requests are delivered
+            # again and find their recorded outcomes in the delivery log; a later commit covers them.
+            log.warning("offsets of message requests not committed (%s); they will be seen again", exc)
 
     async def _run(self) -> None:
         while True:
@@ -77,10 +112,14 @@ class RequestConsumer:
                 await asyncio.sleep(1.0)
                 continue
             if not batches:
+                await self.commit_pending()
                 continue
             started = time.perf_counter()
             try:
-                await self._process(batches)
+                async with self.busy:
+                    await self._process(batches)
+                    for tp, records in batches.items():
+                        self._pending[tp] = records[-1].offset + 1
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -90,12 +129,8 @@ class RequestConsumer:
                     self.consumer.seek(tp, records[0].offset)
                 await asyncio.sleep(1.0)
                 continue
-            try:
-                await self.consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
-            except KafkaError as exc:
-                # Not committed (the broker is restarting, or the partitions moved on): the requests are delivered
-                # again and find their recorded outcomes in the delivery log; a later commit covers them.
-                log.warning("offsets of message requests not committed (%s); they will be seen again", exc)
+            if time.monotonic() - self._committed_at >= self.settings.consumer_commit_interval_ms / 1000:
+                await self.commit_pending()
             # Paced as the other stream stages (loyalist.consumer.BatchConsumer): at most one batch per interval.
             rest = self.settings.consumer_min_batch_interval_ms / 1000 - (time.perf_counter() - started)
             if rest > 0:
