@@ -41,7 +41,17 @@ class _PauseTimer:
 
 
 def time_pauses() -> None:
-    """Time every collection into ``loyalist_gc_pause_seconds`` (once per process)."""
+    """Time every collection into ``loyalist_gc_pause_seconds`` (once per process).
+
+    >>> from prometheus_client import REGISTRY
+    >>> def full_collections() -> float:
+    ...     return REGISTRY.get_sample_value("loyalist_gc_pause_seconds_count", {"generation": "2"}) or 0.0
+    >>> time_pauses(); time_pauses()  # registered once
+    >>> before = full_collections()
+    >>> _ = gc.collect()
+    >>> full_collections() - before
+    1.0
+    """
     if not any(isinstance(cb, _PauseTimer) for cb in gc.callbacks):
         gc.callbacks.append(_PauseTimer())
 
